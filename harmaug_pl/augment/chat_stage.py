@@ -1,0 +1,105 @@
+"""What the generator and the responder share: chats in, sampled text out, through the cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
+from harmaug_pl.backends.base import Chat, ChatBackend, SamplingConfig
+from harmaug_pl.errors import ConfigError, HarmAugError
+
+
+def identity(model: Any) -> dict[str, Any]:
+    """JSON-able identity of a backend or teacher for cache keys and provenance.
+
+    ``describe()`` when the object has it (model, dtype, quantisation...), else the protocol's
+    ``model_id``: the cache must never mix rows from two different models.
+    """
+    describe = getattr(model, "describe", None)
+    return dict(describe()) if callable(describe) else {"model_id": model.model_id}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat to continue; ``key`` addresses its result in the cache, ``meta`` says where it came from."""
+
+    key: str
+    chat: Chat
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatStage:
+    """A cached, sharded ``backend.generate`` over chat requests; subclasses build the chats."""
+
+    stage: ClassVar[str]
+
+    def __init__(self, backend: ChatBackend, sampling: SamplingConfig, batch_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"{type(self).__name__}.batch_size must be >= 1, got {batch_size}")
+        if sampling.max_new_tokens < 1:
+            raise ConfigError(
+                f"{type(self).__name__}.sampling.max_new_tokens must be >= 1, got {sampling.max_new_tokens}"
+            )
+        self.backend = backend
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.seed = seed
+        self._identity: dict[str, Any] | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        if self._identity is None:
+            self._identity = identity(self.backend)
+        return self._identity
+
+    def request(self, chat: Chat, meta: dict[str, Any], **key_parts: Any) -> ChatRequest:
+        """A request keyed by everything that determines its output: model, exact chat, sampling, seed.
+
+        ``key_parts`` tell apart requests whose chats are equal on purpose (e.g. the attempt number);
+        ``meta`` (positions, indices) stays out of the key so reordering inputs never invalidates rows.
+        """
+        key = content_key(
+            stage=self.stage,
+            model=self.identity,
+            chat=chat,
+            sampling=self.sampling,
+            seed=self.seed,
+            **key_parts,
+        )
+        return ChatRequest(key=key, chat=chat, meta=meta)
+
+    def compute(self, requests: list[ChatRequest], seed: int) -> list[dict[str, Any]]:
+        texts = self.backend.generate([r.chat for r in requests], self.sampling, seed)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise HarmAugError(f"{self.stage}: the backend returned {bad[0]} instead of str")
+        return [{"text": text, "seed": seed} for text in texts]
+
+    def run(
+        self,
+        requests: Sequence[ChatRequest],
+        cache_dir: str | Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = no_op,
+    ) -> StageResult:
+        return run_stage(
+            cache_dir,
+            self.stage,
+            requests,
+            [r.key for r in requests],
+            self.compute,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            desc=self.stage,
+        )
+
+    def close(self) -> None:
+        self.backend.close()

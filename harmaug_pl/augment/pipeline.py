@@ -1,0 +1,231 @@
+"""generate -> respond -> label, sharded across ranks and resumable through the on-disk cache.
+
+Every stage writes raw results to ``<cache_dir>/<stage>/``; everything derived from them (cleaning,
+de-duplication, assembly) is recomputed deterministically on every rank, so all ranks end with
+the same rows and a re-run after a kill reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
+from harmaug_pl.augment.chat_stage import identity
+from harmaug_pl.augment.generator import InstructionGenerator
+from harmaug_pl.augment.responder import Response, Responder
+from harmaug_pl.data.schema import GuardExample
+from harmaug_pl.errors import ConfigError, HarmAugError
+
+if TYPE_CHECKING:  # the pipeline only calls the protocol; importing it would load the teacher's backends
+    from harmaug_pl.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+Barrier = Callable[[], None]
+
+
+@dataclass
+class AugmentationResult:
+    """Seed rows then synthetic rows (instruction, + each response kind), all teacher-scored."""
+
+    rows: list[GuardExample]
+    stats: dict[str, float | int] = field(default_factory=dict)
+
+
+class AugmentationPipeline:
+    """HarmAug's data pipeline; ``generator=None`` (or ``augment=False``) gives the KD-only baseline.
+
+    ``responder=None`` keeps the synthetic instructions as prompt-only rows. The student learns the
+    teacher, as in the paper: every row, seed rows included, gets the teacher's P(unsafe); seed rows
+    keep their human label too.
+    """
+
+    def __init__(
+        self,
+        generator: InstructionGenerator | None,
+        responder: Responder | None,
+        teacher: Teacher,
+        threshold: float = 0.5,
+    ) -> None:
+        self.generator = generator
+        self.responder = responder
+        self.teacher = teacher
+        self.threshold = threshold
+
+    def run(
+        self,
+        seed_rows: Sequence[GuardExample],
+        cache_dir: str | Path,
+        *,
+        augment: bool = True,
+        num_instructions: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Barrier = no_op,
+    ) -> AugmentationResult:
+        """Build the teacher-labelled training rows; every rank returns all of them.
+
+        ``num_instructions`` overrides the generator's (raising it later reuses every cached row).
+        """
+        stats: dict[str, float | int] = {}
+        synthetic: list[GuardExample] = []
+        groups: list[str] = []
+        if augment:
+            if self.generator is None:
+                raise ConfigError("augment=True needs a generator")
+            synthetic, groups = self._augment(
+                self.generator, seed_rows, Path(cache_dir), num_instructions, rank, world_size, barrier, stats
+            )
+        seed_groups = ["seed_response" if row.response is not None else "seed_prompt" for row in seed_rows]
+        rows, labelled = self._label(
+            [*seed_rows, *synthetic], Path(cache_dir), "label", rank, world_size, barrier
+        )
+        stats.update(labelled.stats("label"))
+        stats.update(self._label_stats(rows, [*seed_groups, *groups]))
+        stats["rows_seed"] = len(seed_rows)
+        stats["rows_synthetic"] = len(synthetic)
+        stats["rows_total"] = len(rows)
+        if rank == 0:
+            summary = "\n".join(f"  {name}: {value}" for name, value in sorted(stats.items()))
+            log.info("HarmAug augmentation summary (rank 0's share of the work):\n%s", summary)
+        return AugmentationResult(rows=rows, stats=stats)
+
+    def _augment(
+        self,
+        generator: InstructionGenerator,
+        seed_rows: Sequence[GuardExample],
+        cache_dir: Path,
+        num_instructions: int | None,
+        rank: int,
+        world_size: int,
+        barrier: Barrier,
+        stats: dict[str, float | int],
+    ) -> tuple[list[GuardExample], list[str]]:
+        """Synthetic rows (unlabelled) and, parallel to them, their statistics group names."""
+        requests = generator.requests(seed_rows, num_instructions)
+        generated = generator.run(requests, cache_dir, rank=rank, world_size=world_size, barrier=barrier)
+        instructions, dropped = generator.clean(seed_rows, requests, generated.values)
+        stats.update(generated.stats("generate"))
+        stats["instructions_asked"] = len(requests)
+        stats["instructions_kept"] = len(instructions)
+        stats.update({f"dropped_{reason}": n for reason, n in dropped.items()})
+
+        answers: dict[int, list[Response]] = defaultdict(list)
+        if self.responder is not None:
+            response_requests = self.responder.requests(instructions)
+            answered = self.responder.run(
+                response_requests, cache_dir, rank=rank, world_size=world_size, barrier=barrier
+            )
+            responses, counts = self.responder.collect(response_requests, answered.values)
+            stats.update(answered.stats("respond"))
+            stats.update(counts)
+            for response in responses:
+                answers[response.instruction].append(response)
+
+        rows: list[GuardExample] = []
+        groups: list[str] = []
+        for index, instruction in enumerate(instructions):
+            origin = {"instruction": instruction.provenance}
+            rows.append(GuardExample(prompt=instruction.text, source="synthetic", provenance=origin))
+            groups.append("synthetic_prompt")
+            for response in answers[index]:
+                rows.append(
+                    GuardExample(
+                        prompt=instruction.text,
+                        response=response.text,
+                        source="synthetic",
+                        provenance={**origin, "response": response.provenance},
+                    )
+                )
+                groups.append(f"synthetic_{response.kind}")
+        return rows, groups
+
+    def label(
+        self,
+        rows: Sequence[GuardExample],
+        cache_dir: str | Path,
+        *,
+        stage: str = "label",
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Barrier = no_op,
+    ) -> list[GuardExample]:
+        """``rows`` with the teacher's P(unsafe) as ``teacher_score``, through the cache (e.g. eval sets)."""
+        return self._label(rows, Path(cache_dir), stage, rank, world_size, barrier)[0]
+
+    def _label(
+        self,
+        rows: Sequence[GuardExample],
+        cache_dir: Path,
+        stage: str,
+        rank: int,
+        world_size: int,
+        barrier: Barrier,
+    ) -> tuple[list[GuardExample], StageResult]:
+        teacher_id = identity(self.teacher)
+        # The key names the task, not the stage directory: a row scored for one set is the same row
+        # in another, whatever directory its record lives in.
+        keys = [
+            content_key(stage="label", model=teacher_id, prompt=row.prompt, response=row.response)
+            for row in rows
+        ]
+        result = run_stage(
+            cache_dir,
+            stage,
+            rows,
+            keys,
+            self._score,
+            batch_size=self.teacher.batch_size,
+            seed=0,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            desc=f"{stage} (teacher)",
+        )
+        scored = [replace(row, teacher_score=value["score"]) for row, value in zip(rows, result.values)]
+        return scored, result
+
+    def _score(self, rows: list[GuardExample], seed: int) -> list[dict[str, Any]]:
+        """The teacher is deterministic, so ``seed`` is unused; the score must be a probability."""
+        scores = self.teacher.score([row.prompt for row in rows], [row.response for row in rows])
+        values = []
+        for row, score in zip(rows, scores):
+            if not isinstance(score, (int, float)) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+                raise HarmAugError(
+                    f"the teacher returned P(unsafe)={score!r} for the prompt {row.prompt[:80]!r}"
+                )
+            values.append({"score": float(score)})
+        return values
+
+    def _label_stats(self, rows: Sequence[GuardExample], groups: Sequence[str]) -> dict[str, float | int]:
+        """Teacher-unsafe rate per row group, and teacher/human agreement on labelled seed rows."""
+        unsafe: dict[str, list[bool]] = defaultdict(list)
+        agree: list[bool] = []
+        for row, group in zip(rows, groups):
+            hard = (row.teacher_score or 0.0) > self.threshold
+            unsafe[group].append(hard)
+            if row.source == "seed" and row.label is not None:
+                agree.append(hard == bool(row.label))
+        stats: dict[str, float | int] = {
+            f"teacher_unsafe_rate_{group}": round(sum(flags) / len(flags), 4)
+            for group, flags in unsafe.items()
+        }
+        if agree:
+            stats["teacher_human_agreement_seed"] = round(sum(agree) / len(agree), 4)
+        return stats
+
+    def close(self) -> None:
+        """Free the generator, responder and teacher models (once each, even when shared)."""
+        models: dict[int, Any] = {}
+        for stage in (self.generator, self.responder):
+            if stage is not None:
+                models.setdefault(id(stage.backend), stage.backend)
+        models.setdefault(id(self.teacher), self.teacher)
+        for model in models.values():
+            model.close()

@@ -1,0 +1,6 @@
+"""LLM backends behind one protocol: continue chats, score the next token."""
+
+from harmaug_pl.backends.base import Chat, ChatBackend, SamplingConfig
+from harmaug_pl.backends.transformers_backend import TransformersBackend
+
+__all__ = ["Chat", "ChatBackend", "SamplingConfig", "TransformersBackend"]

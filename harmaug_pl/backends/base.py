@@ -1,0 +1,69 @@
+"""The small protocol every LLM backend implements (transformers now, vLLM later).
+
+Two operations are all HarmAug needs from an LLM: *continue these chats* (generator and
+responder, with a prefilled assistant turn) and *score the next token of these chats* (teacher).
+Both take chats as lists of ``{"role", "content"}`` messages so the backend owns templating,
+which is what ``vllm.LLM.chat(..., continue_final_message=True)`` also expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Chat = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings shared by every backend (mirrors ``vllm.SamplingParams``)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.95
+    stop: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """An LLM that can continue chats and score their next token."""
+
+    @property
+    def model_id(self) -> str:
+        """Stable identity of the weights (goes into cache keys)."""
+        ...
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
+        """Continue every chat and return only the new text, one string per chat.
+
+        If a chat ends with an assistant message, that message is a *prefill*: the model continues
+        it (``continue_final_message=True``) and the returned text excludes the prefill. Otherwise a
+        generation prompt is added. ``seed`` makes the batch reproducible.
+        """
+        ...
+
+    def next_token_logprobs(
+        self,
+        chats: Sequence[Chat],
+        token_ids: Sequence[int],
+        *,
+        add_generation_prompt: bool,
+        suffix: str = "",
+    ) -> torch.Tensor:
+        """Log-probabilities, normalised over the full vocabulary, of ``token_ids`` as the next token.
+
+        The chat is rendered with the model's chat template (plus ``suffix``, e.g. ``"\\n\\n"`` for
+        Llama Guard). Returns a float32 tensor of shape ``[len(chats), len(token_ids)]``.
+        """
+        ...
+
+    def first_token_id(self, word: str) -> int:
+        """Id of the first token of ``word`` as the model would write it at the start of its turn."""
+        ...
+
+    def close(self) -> None:
+        """Free the model's memory (called before the student trains)."""
+        ...

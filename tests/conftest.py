@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models are built once per test session in a tmp dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny_models import GUARD_TEMPLATE, save_tiny_deberta, save_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer chat LLM (ChatML template): generator, responder or judge."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer LLM whose chat template mimics Llama Guard's (whole conversation in one turn)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_guard"), chat_template=GUARD_TEMPLATE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer DeBERTa-v2 sequence classifier."""
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny_student"))
