@@ -1,0 +1,125 @@
+"""Callbacks that put what a run produced into MLflow: config, augmentation stats, plots, the model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+import torch
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
+    """The trainer's MLflow logger, if it has one (packs may add others beside it)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            return logger
+    return None
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Log every resolved hyperparameter and the resolved pack YAML to the MLflow run."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        logger = mlflow_logger(trainer)
+        if logger is None or trainer.global_rank != 0:
+            return
+        resolved = self.parser.dump(self.config, skip_none=False)
+        logger.log_hyperparams(self.config.as_dict())
+        logger.experiment.log_text(logger.run_id, resolved, "config/pack.yaml")
+
+
+def log_augmentation_stats(trainer: L.Trainer, stats: dict[str, float | int]) -> None:
+    """Augmentation statistics as MLflow metrics (step 0) and as a JSON artifact."""
+    logger = mlflow_logger(trainer)
+    if logger is None or trainer.global_rank != 0 or not stats:
+        return
+    logger.log_metrics({f"augment/{k}": float(v) for k, v in stats.items()}, step=0)
+    logger.experiment.log_text(logger.run_id, json.dumps(stats, indent=2), "augment/stats.json")
+
+
+class StudentExport(L.Callback):
+    """At the end of fit: save the student with ``save_pretrained`` (safetensors) + tokenizer, log it.
+
+    The folder loads with ``transformers.pipeline("text-classification", model=folder)``; it is also
+    logged to MLflow as a transformers model, so ``mlflow ui`` shows it under the run.
+    """
+
+    def __init__(self, export_dir: str = "runs/harmaug/student", log_model: bool = True) -> None:
+        self.export_dir = Path(export_dir)
+        self.log_model = log_model
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_augmentation_stats(trainer, getattr(trainer.datamodule, "augmentation_stats", {}))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        self.export_dir.mkdir(parents=True, exist_ok=True)
+        pl_module.student.save_pretrained(self.export_dir, safe_serialization=True)
+        trainer.datamodule.tokenizer.save_pretrained(self.export_dir)
+        log.info("student exported to %s", self.export_dir)
+        logger = mlflow_logger(trainer)
+        if logger is None or not self.log_model:
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(logger._tracking_uri)
+        with mlflow.start_run(run_id=logger.run_id):
+            mlflow.transformers.log_model(
+                transformers_model={"model": pl_module.student, "tokenizer": trainer.datamodule.tokenizer},
+                name="student",
+                task="text-classification",
+                pip_requirements=["transformers", "torch"],
+            )
+
+
+class EvalPlots(L.Callback):
+    """Precision-recall curve, confusion matrix and score histograms per eval set, as MLflow PNGs."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = mlflow_logger(trainer)
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = getattr(pl_module, "test_outputs", {})
+        if logger is None or trainer.global_rank != 0:
+            return
+        for name, (probs, target) in outputs.items():
+            figure = self.figure(name, probs.numpy(), target.numpy())
+            logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
+            plt.close(figure)
+
+    def figure(self, name: str, probs: Any, target: Any) -> plt.Figure:
+        from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay
+
+        fig, (ax_pr, ax_cm, ax_hist) = plt.subplots(1, 3, figsize=(15, 4.5))
+        if len(set(target.tolist())) == 2:
+            PrecisionRecallDisplay.from_predictions(target, probs, ax=ax_pr, name="student")
+        else:
+            ax_pr.text(0.5, 0.5, "one class only:\nPR curve undefined", ha="center", va="center")
+        ConfusionMatrixDisplay.from_predictions(
+            target, (probs > self.threshold).astype(int), labels=[0, 1], display_labels=["safe", "unsafe"],
+            ax=ax_cm, colorbar=False,
+        )
+        for label, colour in ((0, "tab:green"), (1, "tab:red")):
+            ax_hist.hist(probs[target == label], bins=20, range=(0, 1), alpha=0.6, color=colour,
+                         label=("safe" if label == 0 else "unsafe"))
+        ax_hist.axvline(self.threshold, color="black", linestyle="--")
+        ax_hist.set_xlabel("student P(unsafe)")
+        ax_hist.legend()
+        ax_pr.set_title(f"{name}: precision-recall")
+        ax_cm.set_title(f"confusion at threshold {self.threshold}")
+        ax_hist.set_title("scores by human label")
+        fig.tight_layout()
+        return fig

@@ -1,0 +1,135 @@
+"""``harmaug`` / ``lightning`` / ``python -m harmaug_pl``: a thin LightningCLI with an ``augment`` step.
+
+Packs are LightningCLI YAML configs naming ``class_path``s, layered with repeated ``--config``;
+``${...}`` interpolation is resolved after layering (jsonargparse's ``omegaconf+`` mode). A pack
+can be a file path or the bare name of a pack shipped in the wheel (``--config cpu_tiny``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from harmaug_pl.callbacks import EvalPlots, MLflowSaveConfig, StudentExport, log_augmentation_stats
+from harmaug_pl.errors import HarmAugError
+
+PACKAGE_DIR = Path(__file__).parent
+SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
+
+MLFLOW_DEFAULT = {
+    "class_path": "lightning.pytorch.loggers.MLFlowLogger",
+    "init_args": {
+        "experiment_name": "harmaug",
+        "tracking_uri": "sqlite:///mlruns/mlflow.db",
+        "artifact_location": "mlruns/artifacts",
+    },
+}
+
+
+class HarmAugTrainer(Trainer):
+    """The Lightning Trainer plus ``augment``, so the CLI can build the data set on its own."""
+
+    def augment(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None) -> None:
+        """Build (or extend) the augmented training set only: generate, respond, label, cache.
+
+        Run it before ``fit`` on GPU packs so the LLMs never share memory with the student.
+        """
+        if datamodule is None or not hasattr(datamodule, "build"):
+            raise SystemExit("augment needs a data module with a build() method (HarmAugDataModule)")
+        datamodule.trainer = self
+        datamodule.build()
+        for key, value in datamodule.augmentation_stats.items():
+            print(f"{key:>40}: {value}")
+        log_augmentation_stats(self, datamodule.augmentation_stats)
+
+
+def shipped_config(name: str) -> str | None:
+    """Path of a pack or callback set shipped in the package, by bare name (``cpu_tiny``)."""
+    stem = name[:-5] if name.endswith(".yaml") else name
+    for folder in SHIPPED_CONFIG_DIRS:
+        candidate = folder / f"{stem}.yaml"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def resolve_pack_args(args: list[str]) -> list[str]:
+    """Replace ``--config NAME`` by the shipped file when NAME is not a path that exists."""
+    resolved = list(args)
+    for i, arg in enumerate(resolved):
+        value, prefix = None, ""
+        if arg in ("--config", "-c") and i + 1 < len(resolved):
+            value, target = resolved[i + 1], i + 1
+        elif arg.startswith("--config="):
+            value, target, prefix = arg.split("=", 1)[1], i, "--config="
+        if value is None or os.path.exists(value) or "/" in value:
+            continue
+        shipped = shipped_config(value)
+        if shipped is not None:
+            resolved[target] = prefix + shipped
+    return resolved
+
+
+class HarmAugCLI(LightningCLI):
+    """LightningCLI with the HarmAug defaults: MLflow, student export, plots, ``augment``."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "augment": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Always-on callbacks, configurable under their own keys (so callback sets layer freely).
+        parser.add_lightning_class_args(StudentExport, "export")
+        parser.add_lightning_class_args(EvalPlots, "plots")
+        parser.set_defaults({"trainer.logger": MLFLOW_DEFAULT})
+
+
+def our_error(error: BaseException) -> HarmAugError | None:
+    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise)."""
+    while error is not None:
+        if isinstance(error, HarmAugError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def main(args: list[str] | None = None) -> HarmAugCLI:
+    """Entry point of the console scripts; ``args`` lets tests run the CLI in-process.
+
+    Errors we raise on purpose (bad data, bad pack values, models that cannot load) are printed as
+    one clear message and exit with status 2, like the CLI's own errors for unknown keys.
+    """
+    try:
+        return _run_cli(args)
+    except Exception as error:  # noqa: BLE001 - only ours are reworded; the rest re-raise untouched
+        ours = our_error(error)
+        if ours is None:
+            raise
+        print(f"harmaug: error: {type(ours).__name__}: {ours}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def _run_cli(args: list[str] | None) -> HarmAugCLI:
+    # Packs write absolute ``${model.init_args.student}``; under a subcommand the key is
+    # ``fit.model...``, which this setting makes work (and keeps packs readable).
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    if args is None:
+        sys.argv[1:] = resolve_pack_args(sys.argv[1:])
+    return HarmAugCLI(
+        model_class=LightningModule,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_class=HarmAugTrainer,
+        save_config_callback=MLflowSaveConfig,
+        save_config_kwargs={"save_to_log_dir": False},
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        seed_everything_default=42,
+        args=None if args is None else resolve_pack_args(list(args)),
+        auto_configure_optimizers=False,
+    )
+

@@ -1,0 +1,244 @@
+"""HarmAugDataModule: seed data + HarmAug synthetic data, teacher-labelled, ready for the student."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from harmaug_pl.augment.generator import InstructionGenerator
+from harmaug_pl.augment.pipeline import AugmentationPipeline
+from harmaug_pl.augment.responder import Responder
+from harmaug_pl.data.loaders import DataSource, load_examples
+from harmaug_pl.data.schema import GuardExample
+from harmaug_pl.errors import ConfigError
+from harmaug_pl.models import load_tokenizer
+from harmaug_pl.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+class ExampleDataset(Dataset):
+    """A list of guard examples; tokenisation happens in the collator (dynamic padding)."""
+
+    def __init__(self, examples: list[GuardExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> GuardExample:
+        return self.examples[index]
+
+
+class PairCollator:
+    """Tokenise (prompt, response) as a text pair, prompt-only rows alone; pad to the batch's longest.
+
+    The student therefore sees the response whenever there is one: guards that silently score only
+    the prompt are a known failure of peer wrappers.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, rows: list[GuardExample]) -> dict[str, torch.Tensor]:
+        features = [
+            self.tokenizer(row.prompt, row.response, truncation=True, max_length=self.max_length)
+            for row in rows
+        ]
+        batch = self.tokenizer.pad(features, return_tensors="pt")
+        batch["teacher_score"] = torch.tensor(
+            [row.teacher_score if row.teacher_score is not None else float("nan") for row in rows]
+        )
+        batch["label"] = torch.tensor([row.label if row.label is not None else -1 for row in rows])
+        return dict(batch)
+
+
+def stratified_group_split(
+    rows: list[GuardExample], val_fraction: float, threshold: float, seed: int
+) -> tuple[list[GuardExample], list[GuardExample]]:
+    """Split by prompt group (an instruction and its responses stay together), stratified by label.
+
+    A group's stratum is whether any of its rows is teacher-unsafe, so both splits keep the class mix
+    and no synthetic instruction leaks from train into val through its response rows.
+    """
+    groups: dict[str, list[GuardExample]] = defaultdict(list)
+    for row in rows:
+        groups[row.prompt].append(row)
+    strata: dict[bool, list[str]] = defaultdict(list)
+    for prompt, members in groups.items():
+        strata[any((m.teacher_score or 0.0) > threshold for m in members)].append(prompt)
+    rng = random.Random(seed)
+    val_prompts: set[str] = set()
+    for key in sorted(strata):
+        prompts = strata[key]
+        rng.shuffle(prompts)
+        val_prompts.update(prompts[: round(len(prompts) * val_fraction)])
+    train = [r for r in rows if r.prompt not in val_prompts]
+    val = [r for r in rows if r.prompt in val_prompts]
+    return train, val
+
+
+class HarmAugDataModule(L.LightningDataModule):
+    """Builds the HarmAug training set through a resumable cache, then serves it to the student.
+
+    ``setup`` loads the seed data, runs generator -> responder -> teacher (sharded across ranks, a
+    barrier between stages, every rank then reads the full set), splits train/val and tokenises
+    with the student's tokenizer. ``augment: false`` gives the KD-only baseline on the same pack.
+    Eval sets are served as one val/test dataloader each, named by their key.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        seed_data: DataSource,
+        teacher: Teacher,
+        generator: InstructionGenerator | None = None,
+        responder: Responder | None = None,
+        eval_sets: dict[str, DataSource] | None = None,
+        data_dir: str = "runs/harmaug/data",
+        augment: bool = True,
+        num_instructions: int | None = None,
+        val_fraction: float = 0.1,
+        threshold: float = 0.5,
+        split_seed: int = 42,
+        balanced_sampling: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        max_length: int = 512,
+        num_workers: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if augment and generator is None:
+            raise ConfigError("data.augment is true but no data.generator is configured")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.tokenizer_ref = tokenizer
+        self.seed_data = seed_data
+        self.eval_sources = dict(eval_sets or {})
+        self.data_dir = Path(data_dir)
+        self.augment = augment
+        self.num_instructions = num_instructions
+        self.val_fraction = val_fraction
+        self.threshold = threshold
+        self.split_seed = split_seed
+        self.balanced_sampling = balanced_sampling
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.max_length = max_length
+        self.num_workers = num_workers
+        self.trust_remote_code = trust_remote_code
+        self.pipeline = AugmentationPipeline(
+            generator=generator if augment else None, responder=responder if augment else None, teacher=teacher
+        )
+        self.augmentation_stats: dict[str, float | int] = {}
+        self.train_rows: list[GuardExample] = []
+        self.val_rows: list[GuardExample] = []
+        self.eval_rows: dict[str, list[GuardExample]] = {}
+        self._tokenizer: Any = None
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        return list(self.eval_sources)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_ref, trust_remote_code=self.trust_remote_code)
+            if self._tokenizer.pad_token is None:
+                raise ConfigError(
+                    f"the student tokenizer {self.tokenizer_ref!r} has no pad token; pick a student whose "
+                    "tokenizer defines one (encoders such as DeBERTa/BERT/MiniLM do)"
+                )
+        return self._tokenizer
+
+    # -- building the set ---------------------------------------------------------------------
+    def _distributed(self) -> tuple[int, int, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1, lambda: None
+        return trainer.global_rank, trainer.world_size, trainer.strategy.barrier
+
+    def build(self) -> list[GuardExample]:
+        """Run the augmentation pipeline through the cache and return every teacher-labelled row."""
+        rank, world_size, barrier = self._distributed()
+        seed = load_examples(self.seed_data, origin="seed")
+        result = self.pipeline.run(
+            seed.examples,
+            self.data_dir / "cache",
+            augment=self.augment,
+            num_instructions=self.num_instructions,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+        )
+        self.pipeline.close()
+        self.augmentation_stats = {
+            **{f"seed_skipped_{k}": v for k, v in seed.skipped.items()},
+            **result.stats,
+        }
+        if rank == 0:
+            self._write_snapshot(result.rows)
+        return result.rows
+
+    def _write_snapshot(self, rows: list[GuardExample]) -> None:
+        """The assembled set and its statistics, for people to read (the cache is the source of truth)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.data_dir / "augmented.jsonl.tmp"
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+        tmp.replace(self.data_dir / "augmented.jsonl")
+        (self.data_dir / "stats.json").write_text(json.dumps(self.augmentation_stats, indent=2))
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and not self.train_rows:
+            rows = self.build()
+            self.train_rows, self.val_rows = stratified_group_split(
+                rows, self.val_fraction, self.threshold, self.split_seed
+            )
+            log.info("train rows: %d, val rows: %d", len(self.train_rows), len(self.val_rows))
+        if not self.eval_rows:
+            for name, source in self.eval_sources.items():
+                self.eval_rows[name] = load_examples(source, origin="eval").examples
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _loader(self, rows: list[GuardExample], batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            ExampleDataset(rows),
+            batch_size=batch_size,
+            collate_fn=PairCollator(self.tokenizer, self.max_length),
+            num_workers=self.num_workers,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_rows:
+            raise ConfigError("no training rows: the seed data is empty after validation")
+        if not self.balanced_sampling:
+            return self._loader(self.train_rows, self.batch_size, shuffle=True)
+        hard = [int((row.teacher_score or 0.0) > self.threshold) for row in self.train_rows]
+        counts = [hard.count(0), hard.count(1)]
+        weights = [1.0 / counts[h] for h in hard]
+        generator = torch.Generator().manual_seed(self.split_seed)
+        sampler = WeightedRandomSampler(weights, num_samples=len(hard), replacement=True, generator=generator)
+        return self._loader(self.train_rows, self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        sets = [self.val_rows, *(self.eval_rows[name] for name in self.eval_set_names)]
+        return [self._loader(rows, self.eval_batch_size) for rows in sets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.eval_rows[name], self.eval_batch_size) for name in self.eval_set_names]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return self.test_dataloader()

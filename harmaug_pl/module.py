@@ -1,0 +1,210 @@
+"""DistillationModule: a small encoder learns a large guard's P(unsafe) (HarmAug, section 2)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAveragePrecision,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+from transformers import get_linear_schedule_with_warmup
+
+from harmaug_pl.models import load_sequence_classifier
+
+log = logging.getLogger(__name__)
+
+ID2LABEL = {0: "safe", 1: "unsafe"}
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_p_unsafe: torch.Tensor, alpha: float, threshold: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """alpha * CE(teacher hard label) + (1 - alpha) * KL(teacher [1-p, p] || student), batchmean.
+
+    As in the HarmAug code: the hard label is ``p > threshold``; KL uses the soft label as given
+    (temperature, if any, was applied to ``teacher_p_unsafe`` by the caller).
+    """
+    logits = student_logits.float()
+    hard = (teacher_p_unsafe > threshold).long()
+    ce = F.cross_entropy(logits, hard)
+    soft = torch.stack([1.0 - teacher_p_unsafe, teacher_p_unsafe], dim=-1).float()
+    kl = F.kl_div(F.log_softmax(logits, dim=-1), soft, reduction="batchmean")
+    return alpha * ce + (1.0 - alpha) * kl, {"ce": ce.detach(), "kl": kl.detach()}
+
+
+def soften(p_unsafe: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher temperature on a two-way softmax: sigmoid(logit(p) / T); T = 1 leaves p as is."""
+    if temperature == 1.0:
+        return p_unsafe
+    p = p_unsafe.clamp(1e-6, 1 - 1e-6)
+    return torch.sigmoid(torch.logit(p) / temperature)
+
+
+def metric_collection(threshold: float, prefix: str) -> MetricCollection:
+    """AUPRC (threshold-free, = sklearn average_precision) and F1/P/R at the pack's threshold."""
+    return MetricCollection(
+        {
+            "auprc": BinaryAveragePrecision(),
+            "f1": BinaryF1Score(threshold=threshold),
+            "precision": BinaryPrecision(threshold=threshold),
+            "recall": BinaryRecall(threshold=threshold),
+        },
+        prefix=prefix,
+    )
+
+
+class DistillationModule(L.LightningModule):
+    """Student encoder trained on teacher labels; evaluated per named eval set.
+
+    Validation dataloaders are ``[val, *eval_sets]`` and test dataloaders ``eval_sets``, in the order
+    of ``datamodule.eval_set_names``. On ``val`` the target is the teacher's hard label (agreement
+    with the teacher); on eval sets it is the human label. ``mean/*`` averages the eval sets.
+    """
+
+    def __init__(
+        self,
+        student: str,
+        alpha: float = 0.5,
+        threshold: float = 0.5,
+        teacher_temperature: float = 1.0,
+        learning_rate: float = 3e-5,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+        adam_epsilon: float = 1e-8,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
+        if teacher_temperature <= 0:
+            raise ValueError(f"model.teacher_temperature must be > 0, got {teacher_temperature}")
+        self.save_hyperparameters()
+        self.student = load_sequence_classifier(
+            student,
+            num_labels=2,
+            id2label=ID2LABEL,
+            label2id={v: k for k, v in ID2LABEL.items()},
+            trust_remote_code=trust_remote_code,
+        ).train()
+        if gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        self.val_names: list[str] = []
+        self.test_names: list[str] = []
+        self.val_metrics = torch.nn.ModuleDict()
+        self.test_metrics = torch.nn.ModuleDict()
+        # scores and human labels of the last test run, per eval set (for plots and reports)
+        self.test_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._test_buffers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # -- wiring eval sets ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        eval_names = list(getattr(datamodule, "eval_set_names", []))
+        self.val_names = ["val", *eval_names]
+        self.test_names = eval_names
+        for names, store in ((self.val_names, self.val_metrics), (self.test_names, self.test_metrics)):
+            for name in names:
+                if name not in store:
+                    store[name] = metric_collection(self.hparams.threshold, prefix=f"{name}/")
+
+    # -- forward / loss -----------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.student(**inputs).logits
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch)
+        soft = soften(batch["teacher_score"], self.hparams.teacher_temperature)
+        loss, parts = distillation_loss(logits, soft, self.hparams.alpha, self.hparams.threshold)
+        bs = logits.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        return loss
+
+    def _p_unsafe(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.softmax(self(batch).float(), dim=-1)[:, 1]
+
+    def _update(
+        self, store: torch.nn.ModuleDict, name: str, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the set's metrics; return the scored rows' (P(unsafe), target)."""
+        probs = self._p_unsafe(batch)
+        if name == "val":
+            target = (batch["teacher_score"] > self.hparams.threshold).long()
+            keep = torch.ones_like(target, dtype=torch.bool)
+        else:
+            target = batch["label"]
+            keep = target >= 0  # rows without a human label are not scored
+        if keep.any():
+            store[name].update(probs[keep], target[keep])
+        return probs[keep], target[keep]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update(self.val_metrics, self.val_names[dataloader_idx], batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self.test_names[dataloader_idx]
+        probs, target = self._update(self.test_metrics, name, batch)
+        self._test_buffers.setdefault(name, []).append((probs.detach().cpu(), target.detach().cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_buffers = {}
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._p_unsafe(batch)
+
+    def _log_epoch(self, store: torch.nn.ModuleDict, names: list[str]) -> None:
+        per_metric: dict[str, list[torch.Tensor]] = {}
+        for name in names:
+            collection = store[name]
+            if not collection["auprc"].update_called:
+                log.warning("eval set %r had no labelled rows this epoch; skipped", name)
+                continue
+            values = collection.compute()
+            self.log_dict(values, add_dataloader_idx=False)
+            if name != "val":
+                for key, value in values.items():
+                    per_metric.setdefault(key.split("/", 1)[1], []).append(value)
+            collection.reset()
+        for key, values in per_metric.items():
+            self.log(f"mean/{key}", torch.stack(values).mean(), add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_metrics, self.val_names)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_metrics, self.test_names)
+        self.test_outputs = {
+            name: (torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts]))
+            for name, parts in self._test_buffers.items()
+        }
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
+        decay, plain = [], []
+        for name, param in self.student.named_parameters():
+            if param.requires_grad:
+                (plain if any(nd in name for nd in no_decay) else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": plain, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.learning_rate,
+            eps=self.hparams.adam_epsilon,
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, num_warmup_steps=min(self.hparams.warmup_steps, total), num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
