@@ -108,6 +108,8 @@ def override_pack(workdir: Path, tiny_llama: Path, tiny_student: Path) -> Path:
 def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path, tiny_student: Path) -> None:
     override = override_pack(workdir, tiny_llama, tiny_student)
     common = ["--config", "cpu_tiny", "--config", str(override)]
+    main(["augment", *common])  # build the set first, as GPU packs do; fit must reuse all of it
+    assert (workdir / "data" / "augmented.jsonl").is_file()
     main(["fit", *common])
 
     # the exported student is a plain HF folder that the text-classification pipeline loads
@@ -123,9 +125,9 @@ def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    assert len(runs) == 2
-    fit_run = min(runs, key=lambda r: r.info.start_time)
-    test_run = max(runs, key=lambda r: r.info.start_time)
+    assert len(runs) == 3  # augment, fit, test
+    augment_run, fit_run, test_run = sorted(runs, key=lambda r: r.info.start_time)
+    assert augment_run.data.metrics["augment/computed_generate"] == 6
 
     params = fit_run.data.params
     assert params["model/init_args/alpha"] == "0.5"
@@ -135,6 +137,8 @@ def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path
         assert key in metrics, key
         assert 0.0 <= metrics[key] <= 1.0 or key == "train/loss"
     assert metrics["augment/instructions_asked"] == 6
+    assert metrics["augment/computed_generate"] == 0 and metrics["augment/cached_generate"] == 6
+    assert metrics["augment/computed_label"] == 0
     assert metrics["augment/rows_total"] > 24  # seed rows plus synthetic rows
 
     client = mlflow.MlflowClient()
