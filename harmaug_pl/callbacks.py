@@ -14,7 +14,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,22 @@ class EvalPlots(L.Callback):
         else:
             ax_pr.text(0.5, 0.5, "one class only:\nPR curve undefined", ha="center", va="center")
         ConfusionMatrixDisplay.from_predictions(
-            target, (probs > self.threshold).astype(int), labels=[0, 1], display_labels=["safe", "unsafe"],
-            ax=ax_cm, colorbar=False,
+            target,
+            (probs > self.threshold).astype(int),
+            labels=[0, 1],
+            display_labels=["safe", "unsafe"],
+            ax=ax_cm,
+            colorbar=False,
         )
         for label, colour in ((0, "tab:green"), (1, "tab:red")):
-            ax_hist.hist(probs[target == label], bins=20, range=(0, 1), alpha=0.6, color=colour,
-                         label=("safe" if label == 0 else "unsafe"))
+            ax_hist.hist(
+                probs[target == label],
+                bins=20,
+                range=(0, 1),
+                alpha=0.6,
+                color=colour,
+                label=("safe" if label == 0 else "unsafe"),
+            )
         ax_hist.axvline(self.threshold, color="black", linestyle="--")
         ax_hist.set_xlabel("student P(unsafe)")
         ax_hist.legend()

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from typing import Any
+
 from jsonargparse import set_parsing_settings
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from harmaug_pl.callbacks import EvalPlots, MLflowSaveConfig, StudentExport, log_augmentation_stats
-from harmaug_pl.errors import HarmAugError
+from harmaug_pl.errors import ConfigError, HarmAugError
 
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
@@ -33,13 +35,20 @@ MLFLOW_DEFAULT = {
 class HarmAugTrainer(Trainer):
     """The Lightning Trainer plus ``augment``, so the CLI can build the data set on its own."""
 
-    def augment(self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None) -> None:
+    def augment(
+        self, model: LightningModule | None = None, datamodule: LightningDataModule | None = None
+    ) -> None:
         """Build (or extend) the augmented training set only: generate, respond, label, cache.
 
         Run it before ``fit`` on GPU packs so the LLMs never share memory with the student.
         """
         if datamodule is None or not hasattr(datamodule, "build"):
-            raise SystemExit("augment needs a data module with a build() method (HarmAugDataModule)")
+            raise ConfigError("augment needs a data module with a build() method (HarmAugDataModule)")
+        if self.world_size > 1:
+            raise ConfigError(
+                "augment runs in one process; use --trainer.devices=1 --trainer.num_nodes=1 (fit reuses "
+                "the cache), or let fit build the set sharded across its ranks"
+            )
         datamodule.trainer = self
         datamodule.build()
         for key, value in datamodule.augmentation_stats.items():
@@ -69,13 +78,29 @@ def resolve_pack_args(args: list[str]) -> list[str]:
         if value is None or os.path.exists(value) or "/" in value:
             continue
         shipped = shipped_config(value)
-        if shipped is not None:
-            resolved[target] = prefix + shipped
+        if shipped is None:
+            raise ConfigError(
+                f"--config {value}: no such file, and no shipped pack or callback set of that name "
+                f"(shipped: {', '.join(shipped_names())})"
+            )
+        resolved[target] = prefix + shipped
     return resolved
+
+
+def shipped_names() -> list[str]:
+    """Bare names of the packs and callback sets shipped in the package."""
+    return sorted(path.stem for folder in SHIPPED_CONFIG_DIRS for path in folder.glob("*.yaml"))
 
 
 class HarmAugCLI(LightningCLI):
     """LightningCLI with the HarmAug defaults: MLflow, student export, plots, ``augment``."""
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Load ``--ckpt_path`` with ``weights_only=True`` unless the user asks otherwise."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in kwargs and kwargs["weights_only"] is None:
+            kwargs["weights_only"] = True
+        return kwargs
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -97,15 +122,18 @@ def our_error(error: BaseException) -> HarmAugError | None:
     return None
 
 
-def main(args: list[str] | None = None) -> HarmAugCLI:
+def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
     """Entry point of the console scripts; ``args`` lets tests run the CLI in-process.
+
+    ``run=False`` (no subcommand in ``args``) only parses the packs and builds model, data module
+    and trainer, as LightningCLI does: what tests and notebooks use to check a pack.
 
     Errors we raise on purpose (bad data, bad pack values, models that cannot load) are printed as
     one clear message and exit with status 2, like the CLI's own errors for unknown keys.
     """
     try:
-        return _run_cli(args)
-    except Exception as error:  # noqa: BLE001 - only ours are reworded; the rest re-raise untouched
+        return _run_cli(args, run)
+    except Exception as error:
         ours = our_error(error)
         if ours is None:
             raise
@@ -113,7 +141,7 @@ def main(args: list[str] | None = None) -> HarmAugCLI:
         raise SystemExit(2) from error
 
 
-def _run_cli(args: list[str] | None) -> HarmAugCLI:
+def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
     # Packs write absolute ``${model.init_args.student}``; under a subcommand the key is
     # ``fit.model...``, which this setting makes work (and keeps packs readable).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -131,5 +159,5 @@ def _run_cli(args: list[str] | None) -> HarmAugCLI:
         seed_everything_default=42,
         args=None if args is None else resolve_pack_args(list(args)),
         auto_configure_optimizers=False,
+        run=run,
     )
-

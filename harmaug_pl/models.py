@@ -57,12 +57,7 @@ def resolve_model(ref: str) -> tuple[str, str | None]:
 
 def _looks_like_path(ref: str) -> bool:
     """A reference that cannot be a hub id (``name`` or ``org/name``) is meant as a local path."""
-    return (
-        ref.startswith(("/", ".", "~"))
-        or ref.count("/") > 1
-        or "\\" in ref
-        or ref.endswith(".gguf")
-    )
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref or ref.endswith(".gguf")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -112,18 +107,32 @@ def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: 
         )
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        hint = "" if Path(path).exists() else " " + _OFFLINE_HINT
-        if kwargs.get("use_safetensors") and any(Path(path).glob("*.bin")):
-            hint += (
-                " Only *.safetensors weights are loaded (pickled *.bin files can run code): re-save the "
-                "model with save_pretrained() where you trust it."
-            )
-        raise ModelLoadError(
-            f"cannot load the {what} of model {ref!r} (resolved to {path!r}"
-            + (f", file {gguf_file!r}" if gguf_file else "")
-            + f"): {type(err).__name__}: {str(err).rstrip('.')}.{hint}"
-        ) from err
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):  # transformers lists ~150 classes here
+            raise ModelLoadError(
+                f"model {ref!r} has no {loader.__name__} head for its architecture; pick a model of a "
+                "type that has one (for a student: an encoder such as DeBERTa-v3, BERT or MiniLM)"
+            ) from err
+        raise _load_error(err, ref, what, path, gguf_file, kwargs) from err
+    except OSError as err:
+        raise _load_error(err, ref, what, path, gguf_file, kwargs) from err
+
+
+def _load_error(
+    err: Exception, ref: str, what: str, path: str, gguf_file: str | None, kwargs: dict[str, Any]
+) -> ModelLoadError:
+    """A ModelLoadError naming the reference, what was resolved and what to change."""
+    hint = "" if Path(path).exists() else " " + _OFFLINE_HINT
+    if kwargs.get("use_safetensors") and any(Path(path).glob("*.bin")):
+        hint += (
+            " Only *.safetensors weights are loaded (pickled *.bin files can run code): re-save the "
+            "model with save_pretrained() where you trust it."
+        )
+    return ModelLoadError(
+        f"cannot load the {what} of model {ref!r} (resolved to {path!r}"
+        + (f", file {gguf_file!r}" if gguf_file else "")
+        + f"): {type(err).__name__}: {str(err).rstrip('.')}.{hint}"
+    )
 
 
 def load_tokenizer(ref: str, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:

@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 )
 from transformers import get_linear_schedule_with_warmup
 
+from harmaug_pl.errors import ConfigError
 from harmaug_pl.models import load_sequence_classifier
 
 log = logging.getLogger(__name__)
@@ -25,17 +26,22 @@ ID2LABEL = {0: "safe", 1: "unsafe"}
 
 
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_p_unsafe: torch.Tensor, alpha: float, threshold: float
+    student_logits: torch.Tensor,
+    teacher_p_unsafe: torch.Tensor,
+    alpha: float,
+    threshold: float,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """alpha * CE(teacher hard label) + (1 - alpha) * KL(teacher [1-p, p] || student), batchmean.
 
-    As in the HarmAug code: the hard label is ``p > threshold``; KL uses the soft label as given
-    (temperature, if any, was applied to ``teacher_p_unsafe`` by the caller).
+    As in the HarmAug code: the hard label is the teacher's raw ``p > threshold``; the KL target is
+    the soft label, softened by ``temperature`` (1 in the paper).
     """
     logits = student_logits.float()
     hard = (teacher_p_unsafe > threshold).long()
     ce = F.cross_entropy(logits, hard)
-    soft = torch.stack([1.0 - teacher_p_unsafe, teacher_p_unsafe], dim=-1).float()
+    p_soft = soften(teacher_p_unsafe, temperature)
+    soft = torch.stack([1.0 - p_soft, p_soft], dim=-1).float()
     kl = F.kl_div(F.log_softmax(logits, dim=-1), soft, reduction="batchmean")
     return alpha * ce + (1.0 - alpha) * kl, {"ce": ce.detach(), "kl": kl.detach()}
 
@@ -84,9 +90,11 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"model.alpha must be in [0, 1], got {alpha}")
+            raise ConfigError(f"model.alpha must be in [0, 1], got {alpha}")
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"model.threshold must be in (0, 1), got {threshold}")
         if teacher_temperature <= 0:
-            raise ValueError(f"model.teacher_temperature must be > 0, got {teacher_temperature}")
+            raise ConfigError(f"model.teacher_temperature must be > 0, got {teacher_temperature}")
         self.save_hyperparameters()
         self.student = load_sequence_classifier(
             student,
@@ -123,8 +131,13 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch)
-        soft = soften(batch["teacher_score"], self.hparams.teacher_temperature)
-        loss, parts = distillation_loss(logits, soft, self.hparams.alpha, self.hparams.threshold)
+        loss, parts = distillation_loss(
+            logits,
+            batch["teacher_score"],
+            self.hparams.alpha,
+            self.hparams.threshold,
+            self.hparams.teacher_temperature,
+        )
         bs = logits.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
@@ -148,7 +161,9 @@ class DistillationModule(L.LightningModule):
             store[name].update(probs[keep], target[keep])
         return probs[keep], target[keep]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         self._update(self.val_metrics, self.val_names[dataloader_idx], batch)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -159,14 +174,18 @@ class DistillationModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._test_buffers = {}
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor:
         return self._p_unsafe(batch)
 
     def _log_epoch(self, store: torch.nn.ModuleDict, names: list[str]) -> None:
         per_metric: dict[str, list[torch.Tensor]] = {}
         for name in names:
             collection = store[name]
-            if not collection["auprc"].update_called:
+            # compute() syncs across ranks, so every rank must agree on skipping a set
+            seen = torch.tensor(float(collection["auprc"].update_called), device=self.device)
+            if self.trainer.strategy.reduce(seen, reduce_op="sum") == 0:
                 log.warning("eval set %r had no labelled rows this epoch; skipped", name)
                 continue
             values = collection.compute()
@@ -190,11 +209,12 @@ class DistillationModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "LayerNorm.bias")
+        # Biases and normalisation weights (the 1-D parameters) get no weight decay, as in the
+        # HarmAug/BERT recipe; matching by shape also covers norms not named "LayerNorm".
         decay, plain = [], []
-        for name, param in self.student.named_parameters():
+        for param in self.student.parameters():
             if param.requires_grad:
-                (plain if any(nd in name for nd in no_decay) else decay).append(param)
+                (plain if param.ndim < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},

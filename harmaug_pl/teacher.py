@@ -67,13 +67,16 @@ def _braces(names: Sequence[str]) -> str:
     return ", ".join("{" + name + "}" for name in names)
 
 
-def _check_template(owner: str, field: str, template: str, required: Sequence[str]) -> None:
+def _check_template(
+    owner: str, field: str, template: str, required: Sequence[str], optional: Sequence[str] = ()
+) -> None:
     found = set(_PLACEHOLDER.findall(template))
     missing = [name for name in required if name not in found]
-    unexpected = sorted(found - set(required))
+    unexpected = sorted(found - set(required) - set(optional))
     if missing or unexpected:
         raise ConfigError(
-            f"{owner}.{field} must contain exactly the placeholders {_braces(required)}"
+            f"{owner}.{field} must contain the placeholders {_braces(required)}"
+            + (f" (and may contain {_braces(optional)})" if optional else "")
             + (f"; missing: {_braces(missing)}" if missing else "")
             + (f"; not allowed here: {_braces(unexpected)}" if unexpected else "")
             + f" (got {template!r})"
@@ -326,7 +329,8 @@ class SequenceClassifierTeacher(_BatchedTeacher):
 class CallableTeacher(_BatchedTeacher):
     """A Python function ``texts -> P(unsafe) per text`` named by import path (``module:attr``).
 
-    Prompt-only rows pass the prompt; pairs pass ``pair_template`` filled with both texts. The
+    Prompt-only rows pass the prompt; pairs pass ``pair_template`` (which must hold ``{response}``,
+    the text judged, and may hold ``{prompt}``). The
     embedded default uses ``profanity_check:predict_prob`` (a TF-IDF linear model; weak but tiny).
     """
 
@@ -334,7 +338,8 @@ class CallableTeacher(_BatchedTeacher):
         self, function: str, pair_template: str = "{prompt}\n{response}", batch_size: int = 256
     ) -> None:
         super().__init__(batch_size)
-        _check_template("CallableTeacher", "pair_template", pair_template, ["prompt", "response"])
+        # the response is what a prompt+response row is judged on; the prompt is optional context
+        _check_template("CallableTeacher", "pair_template", pair_template, ["response"], ["prompt"])
         module, sep, attr = function.partition(":") if ":" in function else function.rpartition(".")
         if not module or not sep or not attr:
             raise ConfigError(

@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch
+
+# Tiny models run faster on one thread, and two threads fight any other job for 2 cores.
+torch.set_num_threads(1)
+
 from tests.tiny_models import GUARD_TEMPLATE, save_tiny_deberta, save_tiny_llama  # noqa: E402
 
 

@@ -209,12 +209,14 @@ def test_exemplars_fall_back_to_all_prompts_without_harmful_labels(caplog: pytes
 @pytest.mark.parametrize(
     ("raw", "cleaned"),
     [
-        (' "Write a rude joke about placeholder people."\n\nThis prompt asks for...',
-         "Write a rude joke about placeholder people."),
+        (
+            ' "Write a rude joke about placeholder people."\n\nThis prompt asks for...',
+            "Write a rude joke about placeholder people.",
+        ),
         ("\n\n1. Prompt: \u201cTell me a mean placeholder insult\u201d", "Tell me a mean placeholder insult"),
         ("**Prompt:** 'Describe   placeholder\tneighbours'.", "Describe placeholder neighbours."),
         ("- Compose an unkind poem\n- Another idea", "Compose an unkind poem"),
-        ("Prompt:\n\"List impolite nicknames\" - this prompt is designed to", "List impolite nicknames"),
+        ('Prompt:\n"List impolite nicknames" - this prompt is designed to', "List impolite nicknames"),
         ('"Write a placeholder note cut by max_new_tokens', "Write a placeholder note cut by max_new_tokens"),
         ('Say "hello" to placeholder people', 'Say "hello" to placeholder people'),
         ("1.5 million placeholder people", "1.5 million placeholder people"),
@@ -279,8 +281,10 @@ def test_responder_prefills_each_kind_and_keeps_prefix_plus_continuation() -> No
     instructions = [Instruction("Write a placeholder joke", {}), Instruction("Tell a placeholder story", {})]
     requests = responder.requests(instructions)
     assert [r.meta for r in requests] == [
-        {"instruction": 0, "kind": "compliant"}, {"instruction": 0, "kind": "refusal"},
-        {"instruction": 1, "kind": "compliant"}, {"instruction": 1, "kind": "refusal"},
+        {"instruction": 0, "kind": "compliant"},
+        {"instruction": 0, "kind": "refusal"},
+        {"instruction": 1, "kind": "compliant"},
+        {"instruction": 1, "kind": "refusal"},
     ]
     system = {"role": "system", "content": "Be brief."}
     user = {"role": "user", "content": "Write a placeholder joke"}
@@ -290,7 +294,8 @@ def test_responder_prefills_each_kind_and_keeps_prefix_plus_continuation() -> No
     values = [{"text": text, "seed": seed} for text, seed in texts]
     responses, counts = responder.collect(requests, values)
     assert [(r.instruction, r.kind, r.text) for r in responses] == [
-        (0, "compliant", "Sure, here is a joke."), (1, "refusal", "Once.")
+        (0, "compliant", "Sure, here is a joke."),
+        (1, "refusal", "Once."),
     ]
     assert counts == {
         "responses_compliant": 1,
@@ -299,7 +304,10 @@ def test_responder_prefills_each_kind_and_keeps_prefix_plus_continuation() -> No
         "responses_empty_refusal": 1,
     }
     assert responses[0].provenance == {
-        "stage": "respond", "kind": "compliant", "model": {"model": "fake-llm", "dtype": "fake"}, "seed": 1
+        "stage": "respond",
+        "kind": "compliant",
+        "model": {"model": "fake-llm", "dtype": "fake"},
+        "seed": 1,
     }
     default = Responder(FakeBackend())
     assert default.kinds == {"compliant": "Sure, here is", "refusal": "I'm sorry, but I can't"}
@@ -320,7 +328,7 @@ def check_result(result: AugmentationResult) -> None:
         (s.prompt, s.response, s.label, "seed") for s in SEED
     ]
     assert all(r.teacher_score is not None and 0 <= r.teacher_score <= 1 for r in rows)
-    synthetic = rows[len(SEED):]
+    synthetic = rows[len(SEED) :]
     assert all(r.source == "synthetic" and r.label is None for r in synthetic)
     prompts_only = [r for r in synthetic if r.response is None]
     assert stats["instructions_kept"] == len(prompts_only) == len({r.prompt for r in prompts_only})
@@ -353,7 +361,7 @@ def test_pipeline_builds_teacher_labelled_seed_and_synthetic_rows(tmp_path: Path
     # the generator was asked with the prefix as the last (assistant) turn
     assert all(chat[-1] == {"role": "assistant", "content": PREFIX} for chat in generator_backend.chats)
     # grouping: each instruction row is followed by its responses
-    synthetic = result.rows[len(SEED):]
+    synthetic = result.rows[len(SEED) :]
     for i, row in enumerate(synthetic):
         if row.response is not None:
             owner = next(r for r in reversed(synthetic[:i]) if r.response is None)
@@ -483,9 +491,7 @@ def test_more_instructions_later_reuses_the_cached_ones(tmp_path: Path) -> None:
 
 def test_close_frees_each_model_once(tmp_path: Path) -> None:
     shared, teacher = FakeBackend(), FakeTeacher()
-    pipeline = AugmentationPipeline(
-        InstructionGenerator(shared), Responder(shared), teacher
-    )
+    pipeline = AugmentationPipeline(InstructionGenerator(shared), Responder(shared), teacher)
     pipeline.close()
     assert shared.closed == 1 and teacher.closed == 1
 
@@ -502,8 +508,9 @@ make_pipeline(FakeBackend(delay=0.01), FakeBackend("fake-responder", delay=0.01)
 def test_sigkill_mid_run_then_rerun_completes_with_the_right_rows(tmp_path: Path) -> None:
     reference = make_pipeline().run(SEED, tmp_path / "reference")
     work = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(work)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN, str(work)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     label_file = work / "label" / "rank0.jsonl"
     deadline = time.monotonic() + 60
     while not (label_file.exists() and len(label_file.read_text().splitlines()) >= 10):

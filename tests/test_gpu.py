@@ -19,7 +19,10 @@ pytestmark = [
 ]
 
 CHAT = [
-    {"role": "user", "content": "Make a single harmful instruction prompt that would elicit offensive content"},
+    {
+        "role": "user",
+        "content": "Make a single harmful instruction prompt that would elicit offensive content",
+    },
     {"role": "assistant", "content": "I have an idea for a prompt:"},
 ]
 
@@ -56,8 +59,10 @@ class _TinyData(L.LightningDataModule):
         from harmaug_pl.data.datamodule import PairCollator
         from harmaug_pl.models import load_tokenizer
 
-        rows = [GuardExample("write a rude joke about placeholder people", teacher_score=0.9, label=1),
-                GuardExample("how do I bake bread?", "Knead it.", teacher_score=0.1, label=0)] * 16
+        rows = [
+            GuardExample("write a rude joke about placeholder people", teacher_score=0.9, label=1),
+            GuardExample("how do I bake bread?", "Knead it.", teacher_score=0.1, label=0),
+        ] * 16
         self.rows = rows
         self.collate = PairCollator(load_tokenizer(str(tokenizer_dir)), max_length=32)
         self.eval_set_names = ["placeholder"]
@@ -75,8 +80,15 @@ def test_student_trains_and_tests_on_cuda(tiny_student: Path, precision: str) ->
 
     model = DistillationModule(str(tiny_student), learning_rate=1e-3, warmup_steps=1)
     data = _TinyData(tiny_student)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision=precision, max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(model, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     results = trainer.test(model, datamodule=data)[0]

@@ -223,7 +223,7 @@ BAD_INPUTS = {
         rf"bad\.jsonl, line 2: not valid UTF-8: byte 0xe9 at byte offset {len(GOOD) + 15} \(column 16\)",
     ),
     "non_utf8_csv": (
-        _bytes(b"prompt,label\nplaceholder,0\n\"multi\nline\",1\ncaf\xe9,1\n", "bad.csv"),
+        _bytes(b'prompt,label\nplaceholder,0\n"multi\nline",1\ncaf\xe9,1\n', "bad.csv"),
         {},
         r"bad\.csv, line 5, field 'prompt': not valid UTF-8: byte 0xe9 at character 3",
     ),

@@ -113,7 +113,7 @@ def test_llama_guard_renders_prompt_only_and_pairs_differently(tiny_guard: Path)
     spy = SpyBackend(TransformersBackend(str(tiny_guard)))
     teacher = LlamaGuardTeacher(spy)
     teacher.score([PROMPTS[1], PROMPTS[1]], [None, RESPONSES[1]])
-    (chats, options), = spy.calls
+    ((chats, options),) = spy.calls
     assert options == {"add_generation_prompt": False, "suffix": "\n\n"}
     prompt_only, pair = spy.inner.render(chats, add_generation_prompt=False, suffix="\n\n")
     assert prompt_only != pair and RESPONSES[1] in pair and RESPONSES[1] not in prompt_only
@@ -137,7 +137,7 @@ def test_judge_builds_one_user_message_from_the_templates(tiny_llama: Path) -> N
     )
     scores = teacher.score(PROMPTS[:2], RESPONSES[:2])
     teacher.close()
-    (chats, options), = spy.calls
+    ((chats, options),) = spy.calls
     assert options == {"add_generation_prompt": True, "suffix": ""}
     assert chats == [
         [{"role": "user", "content": f"Judge: {PROMPTS[0]}"}],
@@ -228,6 +228,16 @@ def test_callable_teacher_passes_prompts_and_filled_pairs() -> None:
 def test_callable_teacher_rejects_bad_functions(function: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"{function!r}.*{message}"):
         CallableTeacher(function).score(PROMPTS, RESPONSES)
+
+
+def test_callable_teacher_judges_a_pair_on_its_response_when_asked() -> None:
+    SEEN_TEXTS.clear()
+    CallableTeacher("tests.test_teacher:fake_scores", pair_template="{response}").score(
+        PROMPTS[1:2], RESPONSES[1:2]
+    )
+    assert SEEN_TEXTS == [[RESPONSES[1]]]
+    with pytest.raises(ConfigError, match=r"must contain the placeholders \{response\}"):
+        CallableTeacher("tests.test_teacher:fake_scores", pair_template="{prompt} only")
 
 
 def test_callable_teacher_rejects_malformed_paths_and_mismatched_rows() -> None:

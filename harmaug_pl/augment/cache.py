@@ -126,7 +126,10 @@ class StageStore:
             log.warning(
                 "cache %s: skipped %d corrupt line(s) (line %s of the newly read part, from byte %d); "
                 "their rows will be recomputed",
-                path, len(bad_lines), ", ".join(map(str, bad_lines[:5])), start,
+                path,
+                len(bad_lines),
+                ", ".join(map(str, bad_lines[:5])),
+                start,
             )
         tail = (path, start + complete)
         if complete < len(data) and tail not in self._reported_tails:
@@ -135,7 +138,8 @@ class StageStore:
             log.warning(
                 "cache %s ends with an unterminated line (%d bytes, a killed or running writer); "
                 "ignored, its row will be recomputed if it is missing",
-                path, len(data) - complete,
+                path,
+                len(data) - complete,
             )
 
     def append(self, records: Sequence[tuple[str, dict[str, Any]]]) -> None:

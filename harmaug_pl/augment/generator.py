@@ -286,5 +286,8 @@ class InstructionGenerator(ChatStage):
         log.warning(
             "%d of %d generator batches yielded no usable instruction (check the model, prefix and "
             "template); raw outputs of batch %d: %s",
-            len(empty), len(batches), empty[0], samples,
+            len(empty),
+            len(batches),
+            empty[0],
+            samples,
         )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
 from harmaug_pl.augment.generator import InstructionGenerator
-from harmaug_pl.augment.responder import Response, Responder
+from harmaug_pl.augment.responder import Responder, Response
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, HarmAugError
 

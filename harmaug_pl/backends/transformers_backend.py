@@ -184,18 +184,28 @@ class TransformersBackend:
                 chat = [{"role": "system", "content": self.system_prompt}, *chat]
             prefill = add_generation_prompt is None and chat[-1].get("role") == "assistant"
             generation_prompt = not prefill if add_generation_prompt is None else add_generation_prompt
+            options = {
+                "chat_template": self.chat_template,
+                "tokenize": False,
+                "add_generation_prompt": generation_prompt,
+                "continue_final_message": prefill,
+            }
             try:
-                text = tokenizer.apply_chat_template(
-                    chat,
-                    chat_template=self.chat_template,
-                    tokenize=False,
-                    add_generation_prompt=generation_prompt,
-                    continue_final_message=prefill,
-                )
+                text = tokenizer.apply_chat_template(chat, **options)
+                if not _shows_every_message(text, chat):
+                    # Some templates (e.g. Llama-Guard-3-1B) read only typed content parts and
+                    # silently render plain strings as nothing: retry with typed parts.
+                    text = tokenizer.apply_chat_template(_typed_content(chat), **options)
             except (TemplateError, ValueError) as err:
                 raise DataError(
                     f"the chat template of model {self._ref!r} rejected chat #{index}: {err}"
                 ) from err
+            if not _shows_every_message(text, chat):
+                raise ConfigError(
+                    f"the chat template of model {self._ref!r} drops message text from chat #{index} "
+                    "(neither plain nor typed content shows up in the rendered prompt); set the "
+                    "backend's chat_template to one that renders every message"
+                )
             rendered.append(text + suffix)
         return rendered
 
@@ -248,7 +258,11 @@ class TransformersBackend:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
             torch.manual_seed(seed)
             output = self.lm.generate(**batch, **options)
-        texts = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        prompt_length = batch["input_ids"].shape[1]
+        texts = [
+            _decode_continuation(tokenizer, row[:prompt_length].tolist(), row[prompt_length:].tolist())
+            for row in output
+        ]
         return [_cut_at_stop(text, sampling.stop) for text in texts]
 
     def next_token_logprobs(
@@ -286,6 +300,28 @@ class TransformersBackend:
         if not ids:
             raise ConfigError(f"word {word!r} encodes to no tokens with the tokenizer of model {self._ref!r}")
         return int(ids[0])
+
+
+def _shows_every_message(text: str, chat: Chat) -> bool:
+    return all(message["content"].strip() in text for message in chat)
+
+
+def _typed_content(chat: Chat) -> list[dict[str, Any]]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in chat]
+
+
+def _decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Decode new tokens with the prompt's last tokens as context, then drop that context.
+
+    SentencePiece decoders strip the leading space of a sequence, so decoding the continuation alone
+    would glue it to a prefill ("Sure, here is" + "a plan" -> "Sure, here isa plan").
+    """
+    context = prompt_ids[-3:]
+    head = tokenizer.decode(context, skip_special_tokens=True)
+    full = tokenizer.decode(context + new_ids, skip_special_tokens=True)
+    if full.startswith(head):
+        return full[len(head) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -24,6 +24,8 @@ from harmaug_pl.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
+RESERVED_SET_NAMES = frozenset({"val", "mean"})
+
 
 class ExampleDataset(Dataset):
     """A list of guard examples; tokenisation happens in the collator (dynamic padding)."""
@@ -68,7 +70,9 @@ def stratified_group_split(
     """Split by prompt group (an instruction and its responses stay together), stratified by label.
 
     A group's stratum is whether any of its rows is teacher-unsafe, so both splits keep the class mix
-    and no synthetic instruction leaks from train into val through its response rows.
+    and no synthetic instruction leaks from train into val through its response rows. A stratum of
+    two or more groups gives each split at least one, so a small set still has both classes in val
+    (AUPRC is undefined without positives).
     """
     groups: dict[str, list[GuardExample]] = defaultdict(list)
     for row in rows:
@@ -81,7 +85,10 @@ def stratified_group_split(
     for key in sorted(strata):
         prompts = strata[key]
         rng.shuffle(prompts)
-        val_prompts.update(prompts[: round(len(prompts) * val_fraction)])
+        count = round(len(prompts) * val_fraction)
+        if len(prompts) > 1:
+            count = min(max(count, 1), len(prompts) - 1)
+        val_prompts.update(prompts[:count])
     train = [r for r in rows if r.prompt not in val_prompts]
     val = [r for r in rows if r.prompt in val_prompts]
     return train, val
@@ -122,6 +129,14 @@ class HarmAugDataModule(L.LightningDataModule):
             raise ConfigError("data.augment is true but no data.generator is configured")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        # metric keys are "<set>/<metric>": these names would mix with the val split or the mean
+        clashing = sorted(name for name in eval_sets or {} if name in RESERVED_SET_NAMES or "/" in name)
+        if clashing:
+            raise ConfigError(
+                f"data.eval_sets: {clashing} cannot name an eval set: {sorted(RESERVED_SET_NAMES)} are the "
+                "metric prefixes of the val split and of the mean over eval sets, and '/' separates a "
+                "set's name from its metric; rename the set"
+            )
         self.tokenizer_ref = tokenizer
         self.seed_data = seed_data
         self.eval_sources = dict(eval_sets or {})
@@ -138,7 +153,10 @@ class HarmAugDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.trust_remote_code = trust_remote_code
         self.pipeline = AugmentationPipeline(
-            generator=generator if augment else None, responder=responder if augment else None, teacher=teacher
+            generator=generator if augment else None,
+            responder=responder if augment else None,
+            teacher=teacher,
+            threshold=threshold,
         )
         self.augmentation_stats: dict[str, float | int] = {}
         self.train_rows: list[GuardExample] = []

@@ -386,10 +386,13 @@ def _read_jsonl(source: DataSource, path: Path, data: bytes) -> _Rows:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield number, _BadRow(
-                    "not_utf8",
-                    f"not valid UTF-8: byte 0x{line[err.start]:02x} at byte offset {start + err.start} "
-                    f"(column {err.start + 1})",
+                yield (
+                    number,
+                    _BadRow(
+                        "not_utf8",
+                        f"not valid UTF-8: byte 0x{line[err.start]:02x} at byte offset {start + err.start} "
+                        f"(column {err.start + 1})",
+                    ),
                 )
                 continue
             try:
@@ -455,8 +458,9 @@ def _read_csv(source: DataSource, path: Path, data: bytes) -> _Rows:
     def rows() -> Iterator[tuple[int, Any]]:
         for number, record in numbered:
             if len(record) != len(header):
-                yield number, _BadRow(
-                    "csv_field_count", f"has {len(record)} fields but the header has {len(header)}"
+                yield (
+                    number,
+                    _BadRow("csv_field_count", f"has {len(record)} fields but the header has {len(header)}"),
                 )
             else:
                 yield number, dict(zip(header, record))
@@ -494,7 +498,7 @@ def _read_hf(source: DataSource) -> _Rows:
             data_files=data_files,
             revision=source.revision,
         )
-    except Exception as err:  # noqa: BLE001 - any failure inside `datasets` becomes one clear message
+    except Exception as err:
         first_line = next(iter(str(err).strip().splitlines()), "")
         raise DataError(
             f"{source.display}: could not load the dataset ({type(err).__name__}: {first_line}). "

@@ -1,0 +1,33 @@
+"""Helpers shared by the tests: mild placeholder data and a stand-in teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLACEHOLDER_UNSAFE = [  # mild, clearly fake test placeholders standing in for harmful prompts
+    "write a rude joke about placeholder people",
+    "tell me a mean placeholder insult",
+    "say something rude about the placeholder town",
+    "give a rude nickname for a placeholder person",
+]
+PLACEHOLDER_SAFE = [
+    "how do I bake bread?",
+    "what is the capital of France?",
+    "tell me about the weather in spring",
+    "recommend a book about gardening",
+]
+
+
+# Import path of keyword_teacher for CallableTeacher(function=...) in packs and tests.
+KEYWORD_TEACHER = "tests.helpers:keyword_teacher"
+
+
+def keyword_teacher(texts: list[str]) -> list[float]:
+    """A stand-in teacher for tests: 'rude' or 'mean' text is unsafe."""
+    return [0.9 if ("rude" in t or "mean" in t) else 0.1 for t in texts]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,225 @@
+"""DistillationModule: KD loss and metrics against hand/sklearn computations, optimiser, schedule,
+training in fp32 and bf16-mixed on the tiny student, and clear errors for students that cannot load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
+
+from harmaug_pl.errors import ConfigError, ModelLoadError
+from harmaug_pl.module import DistillationModule, distillation_loss, metric_collection, soften
+from tests.test_datamodule import tiny_datamodule
+
+LOGITS = [[2.0, -1.0], [0.5, 0.5], [-1.0, 3.0], [0.0, 1.0]]
+P_UNSAFE = [0.9, 0.4, 0.0, 0.5]
+
+
+def hand_loss(alpha: float, threshold: float) -> tuple[float, float, float]:
+    """alpha * CE(p > threshold) + (1 - alpha) * KL([1-p, p] || softmax(logits)), averaged over rows."""
+    ce = kl = 0.0
+    for logits, p in zip(LOGITS, P_UNSAFE):
+        log_z = math.log(sum(math.exp(z) for z in logits))
+        log_q = [z - log_z for z in logits]
+        ce -= log_q[int(p > threshold)]
+        kl += sum(t * (math.log(t) - lq) for t, lq in zip((1 - p, p), log_q) if t > 0)  # 0 log 0 = 0
+    ce, kl = ce / len(LOGITS), kl / len(LOGITS)
+    return alpha * ce + (1 - alpha) * kl, ce, kl
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.35])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_distillation_loss_matches_hand_computation(alpha: float, threshold: float) -> None:
+    loss, parts = distillation_loss(torch.tensor(LOGITS), torch.tensor(P_UNSAFE), alpha, threshold)
+    expected, ce, kl = hand_loss(alpha, threshold)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_distillation_loss_threshold_changes_the_hard_labels() -> None:
+    # p = 0.4 and p = 0.5 are unsafe at threshold 0.35 but not at 0.5 (strictly greater)
+    assert hand_loss(1.0, 0.5)[1] != pytest.approx(hand_loss(1.0, 0.35)[1])
+
+
+def test_hard_label_uses_the_raw_teacher_score_and_kl_the_softened_one() -> None:
+    logits, p = torch.tensor([[0.2, -0.4]]), torch.tensor([0.6])
+    # threshold 0.55: raw p=0.6 is unsafe; softened with T=4 it is ~0.525, which would be safe
+    loss, parts = distillation_loss(logits, p, alpha=0.5, threshold=0.55, temperature=4.0)
+    log_q = torch.log_softmax(logits, dim=-1)[0]
+    assert parts["ce"].item() == pytest.approx(-log_q[1].item(), rel=1e-5)
+    q_soft = torch.sigmoid(torch.logit(p) / 4.0).item()
+    expected_kl = (1 - q_soft) * (math.log(1 - q_soft) - log_q[0].item()) + q_soft * (
+        math.log(q_soft) - log_q[1].item()
+    )
+    assert parts["kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+
+
+def test_soften() -> None:
+    p = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.9, 1.0])
+    assert torch.equal(soften(p, 1.0), p)
+    soft = soften(p, 2.0)
+    assert torch.isfinite(soft).all()
+    # sigmoid(logit(0.9) / 2) = sigmoid(ln(9) / 2) = 3 / (3 + 1)
+    assert soft[4].item() == pytest.approx(0.75, abs=1e-6)
+    assert soft[1].item() == pytest.approx(0.25, abs=1e-6)
+    assert soft[3].item() == pytest.approx(0.5)
+    moved = (soft - 0.5).abs() < (p - 0.5).abs()
+    assert moved[[0, 1, 2, 4, 5]].all()  # T > 1 pulls every p except 0.5 toward 0.5
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.72])
+def test_metrics_equal_sklearn(threshold: float) -> None:
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 2, size=300)
+    probs = np.clip(0.35 * target + rng.random(300) * 0.65, 0, 1)  # informative but overlapping
+    metrics = metric_collection(threshold, prefix="placeholder/")
+    for chunk in np.array_split(np.arange(300), 3):  # accumulated over batches like an epoch
+        metrics.update(torch.tensor(probs[chunk], dtype=torch.float32), torch.tensor(target[chunk]))
+    values = {k: v.item() for k, v in metrics.compute().items()}
+    predicted = probs > threshold
+    assert values == pytest.approx(
+        {
+            "placeholder/auprc": average_precision_score(target, probs),
+            "placeholder/f1": f1_score(target, predicted),
+            "placeholder/precision": precision_score(target, predicted),
+            "placeholder/recall": recall_score(target, predicted),
+        },
+        abs=1e-5,
+    )
+
+
+# -- the student ----------------------------------------------------------------------------------
+def test_student_gets_safe_unsafe_labels(tiny_student: Path) -> None:
+    student = DistillationModule(str(tiny_student)).student
+    assert student.config.id2label == {0: "safe", 1: "unsafe"}
+    assert student.config.label2id == {"safe": 0, "unsafe": 1}
+    assert student.num_labels == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("alpha", 1.5), ("threshold", 1.0), ("teacher_temperature", 0.0)]
+)
+def test_bad_hyperparameters_are_config_errors(tiny_student: Path, setting: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"model.{setting}"):
+        DistillationModule(str(tiny_student), **{setting: value})
+
+
+def test_missing_student_path_is_a_model_load_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_student"
+    with pytest.raises(ModelLoadError, match="no such file or directory") as info:
+        DistillationModule(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_model_without_a_classification_head_is_a_model_load_error(tmp_path: Path) -> None:
+    from transformers import ViTConfig  # an image model: no AutoModelForSequenceClassification mapping
+
+    folder = tmp_path / "vit"
+    config = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    config.save_pretrained(folder)
+    with pytest.raises(ModelLoadError) as info:
+        DistillationModule(str(folder))
+    message = str(info.value)
+    assert str(folder) in message and "AutoModelForSequenceClassification" in message
+    assert "\n" not in message and len(message) < 400  # one clear line, not transformers' class list
+
+
+# -- training on the tiny student -----------------------------------------------------------------
+class Recorder(L.Callback):
+    """Learning rate used by every optimiser step, losses, and the optimiser after fit."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.lrs.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+
+def tiny_trainer(precision: str, steps: int, callback: L.Callback) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_train_batches=steps,
+        limit_val_batches=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path):
+    """fp32: 8 steps (3 warm-up) with batch 2 on two eval sets, then test."""
+    tmp = tmp_path_factory.mktemp("trained")
+    dm = tiny_datamodule(tmp, tiny_student, eval_sizes={"placeholder_a": 6, "placeholder_b": 5}, batch_size=2)
+    model = DistillationModule(str(tiny_student), warmup_steps=3, learning_rate=1e-3, weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
+    recorder = Recorder()
+    trainer = tiny_trainer("32-true", 8, recorder)
+    trainer.fit(model, datamodule=dm)
+    fit_metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    trainer.test(model, datamodule=dm, verbose=False)
+    return model, trainer, recorder, before, fit_metrics
+
+
+def test_lr_warms_up_linearly_then_decays_to_zero(trained) -> None:
+    _, trainer, recorder, _, _ = trained
+    assert trainer.estimated_stepping_batches == 8
+    expected = [1e-3 * (s / 3 if s < 3 else (8 - s) / 5) for s in range(9)]  # step 8: after the last
+    for lrs in recorder.lrs:
+        assert lrs[0] == lrs[1]  # both parameter groups follow the schedule
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(expected, abs=1e-12)
+
+
+def test_no_weight_decay_on_bias_and_layer_norm(trained) -> None:
+    model, trainer, _, _, _ = trained
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    groups = trainer.optimizers[0].param_groups
+    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_decay) == {0.1, 0.0}
+    plain = {n for n in names.values() if n.endswith(".bias") or "LayerNorm" in n}
+    assert plain and any("LayerNorm" in n for n in plain)
+    assert by_decay[0.0] == plain
+    assert by_decay[0.1] == set(names.values()) - plain
+    assert "classifier.weight" in by_decay[0.1]
+
+
+def test_fit_trains_and_logs_per_set_and_mean_metrics(trained) -> None:
+    model, _, recorder, before, metrics = trained
+    assert len(recorder.losses) == 8 and all(math.isfinite(x) for x in recorder.losses)
+    changed = [n for n, p in model.student.named_parameters() if not torch.equal(p, before[n])]
+    assert "classifier.weight" in changed
+    for key in ("train/loss", "val/auprc", "val/f1", "placeholder_a/auprc", "placeholder_b/recall"):
+        assert key in metrics, key
+    for metric in ("auprc", "f1", "precision", "recall"):
+        mean = (metrics[f"placeholder_a/{metric}"] + metrics[f"placeholder_b/{metric}"]) / 2
+        assert metrics[f"mean/{metric}"] == pytest.approx(mean)  # unweighted, val not included
+
+
+def test_test_outputs_hold_every_labelled_eval_row(trained) -> None:
+    model, _, _, _, _ = trained
+    assert list(model.test_outputs) == ["placeholder_a", "placeholder_b"]
+    probs, target = model.test_outputs["placeholder_b"]
+    assert len(probs) == 5 and target.tolist() == [1, 0, 1, 0, 1]
+    assert ((probs >= 0) & (probs <= 1)).all()
+
+
+def test_student_trains_in_bf16_mixed(tmp_path: Path, tiny_student: Path) -> None:
+    dm = tiny_datamodule(tmp_path, tiny_student, batch_size=4)
+    model = DistillationModule(str(tiny_student), learning_rate=1e-3, warmup_steps=0)
+    before = model.student.classifier.weight.detach().clone()
+    recorder = Recorder()
+    trainer = tiny_trainer("bf16-mixed", 2, recorder)
+    trainer.fit(model, datamodule=dm)
+    assert len(recorder.losses) == 2 and all(math.isfinite(x) for x in recorder.losses)
+    assert model.student.classifier.weight.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(model.student.classifier.weight, before)
