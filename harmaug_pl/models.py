@@ -182,23 +182,8 @@ def _place(model: Any, target: torch.device, quantized: bool) -> Any:
     return (model if quantized else model.to(target)).eval()
 
 
-def load_causal_lm(
-    ref: str,
-    *,
-    dtype: str = "float32",
-    device: str = "cpu",
-    quantization: dict[str, Any] | None = None,
-    trust_remote_code: bool = False,
-) -> Any:
-    """A causal LM in eval mode on ``device``; ``quantization`` is a ``BitsAndBytesConfig`` dict."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs, target = _model_kwargs(ref, dtype, device, quantization, trust_remote_code)
-    model = _load(AutoModelForCausalLM, ref, "weights", ("config.json",), **kwargs)
-    return _place(model, target, bool(quantization))
-
-
-def load_sequence_classifier(
+def load_model(
+    auto_class: str,
     ref: str,
     *,
     dtype: str = "float32",
@@ -207,9 +192,23 @@ def load_sequence_classifier(
     trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """An ``AutoModelForSequenceClassification`` in eval mode (``kwargs``: e.g. ``num_labels``)."""
-    from transformers import AutoModelForSequenceClassification
+    """A transformers ``auto_class`` model (e.g. ``"AutoModelForCausalLM"``) in eval mode on ``device``.
+
+    ``quantization`` is a ``BitsAndBytesConfig`` dict; ``kwargs`` go to ``from_pretrained``
+    (e.g. ``num_labels``).
+    """
+    import transformers
 
     base, target = _model_kwargs(ref, dtype, device, quantization, trust_remote_code)
-    model = _load(AutoModelForSequenceClassification, ref, "weights", ("config.json",), **base, **kwargs)
+    model = _load(getattr(transformers, auto_class), ref, "weights", ("config.json",), **base, **kwargs)
     return _place(model, target, bool(quantization))
+
+
+def load_causal_lm(ref: str, **kwargs: Any) -> Any:
+    """A causal LM in eval mode (generator, responder, LLM teacher)."""
+    return load_model("AutoModelForCausalLM", ref, **kwargs)
+
+
+def load_sequence_classifier(ref: str, **kwargs: Any) -> Any:
+    """A sequence classifier in eval mode (student, classifier teacher)."""
+    return load_model("AutoModelForSequenceClassification", ref, **kwargs)
