@@ -1,0 +1,236 @@
+"""Batched ``TransformersBackend.generate`` vs a one-chat-at-a-time loop, side by side in one run.
+
+Same model, same chats (the HarmAug generator's prefix-attack chats, built by
+``InstructionGenerator.requests`` from the default pack's seed rows), same sampling settings. Model
+loading is timed separately and excluded from the throughput numbers. "New tokens" are the tokens each
+row really needed (up to its end-of-sequence token); "useful slots" is their share of what the batches
+computed: a batch keeps decoding rows that already stopped, the price batching pays for parallelism.
+
+    python -m benchmarks.generation_throughput [--n 32] [--batch-sizes 1 8 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    DEFAULT_PACK,
+    RESULTS_DIR,
+    machine_info,
+    markdown_table,
+    pack_config,
+    peak_rss_mib,
+    write_results,
+)
+from harmaug_pl.augment.generator import InstructionGenerator
+from harmaug_pl.backends import TransformersBackend
+from harmaug_pl.backends.base import Chat, SamplingConfig
+from harmaug_pl.data.loaders import DataSource, load_examples
+
+NAME = "generation_throughput"
+
+
+def generator_chats(backend: TransformersBackend, n: int, pack: dict[str, Any]) -> list[Chat]:
+    """The first ``n`` generator chats the pack would send: its seed rows, exemplar count and prefix."""
+    data = pack["data"]["init_args"]
+    settings = {
+        key: value
+        for key, value in data["generator"]["init_args"].items()
+        if key in ("num_exemplars", "instruction", "user_template", "exemplar_format", "prefix", "seed")
+    }
+    seed_rows = load_examples(DataSource(**data["seed_data"]), origin="seed").examples
+    generator = InstructionGenerator(backend, **settings)
+    return [request.chat for request in generator.requests(seed_rows, n)]
+
+
+def pack_sampling(pack: dict[str, Any], max_new_tokens: int | None) -> SamplingConfig:
+    """The pack generator's sampling settings, with ``max_new_tokens`` overridden when given."""
+    given = dict(pack["data"]["init_args"]["generator"]["init_args"].get("sampling") or {})
+    if max_new_tokens is not None:
+        given["max_new_tokens"] = max_new_tokens
+    return SamplingConfig(**given)
+
+
+class TokenCounter:
+    """Counts the tokens ``lm.generate`` really produced, by wrapping it on this one model object.
+
+    ``new_tokens``: per row, up to and including its first end-of-sequence token (what the model had
+    to write); ``slots``: rows x decoding steps of each batch (what the batch computed, finished rows
+    included). Re-tokenising decoded text would miscount (merges differ), hence the wrapper.
+    """
+
+    def __init__(self, lm: Any) -> None:
+        self.lm = lm
+        self.new_tokens = 0
+        self.slots = 0
+        eos = lm.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._generate = lm.generate
+
+    def _counting_generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        output = self._generate(input_ids=input_ids, **kwargs)
+        new = output[:, input_ids.shape[1] :]
+        self.slots += new.numel()
+        for row in new.tolist():
+            ends = [i for i, token in enumerate(row) if token in self.eos]
+            self.new_tokens += ends[0] + 1 if ends else len(row)
+        return output
+
+    def __enter__(self) -> TokenCounter:
+        self.lm.generate = self._counting_generate
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.lm.generate  # back to the class's method
+
+
+def measure(
+    backend: TransformersBackend, chats: list[Chat], sampling: SamplingConfig, batch_size: int, seed: int = 0
+) -> dict[str, Any]:
+    """Generate for every chat in chunks of ``batch_size``; wall time, rows/s and new tokens/s."""
+    with TokenCounter(backend.lm) as counter:
+        started = time.perf_counter()
+        for index, start in enumerate(range(0, len(chats), batch_size)):
+            backend.generate(chats[start : start + batch_size], sampling, seed + index)
+        seconds = time.perf_counter() - started
+    return {
+        "batch_size": batch_size,
+        "mode": "sequential loop" if batch_size == 1 else "batched",
+        "rows": len(chats),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(len(chats) / seconds, 3),
+        "new_tokens": counter.new_tokens,
+        "new_tokens_per_s": round(counter.new_tokens / seconds, 2),
+        "useful_slot_fraction": round(counter.new_tokens / counter.slots, 3) if counter.slots else None,
+    }
+
+
+def run(
+    model: str,
+    n: int = 32,
+    batch_sizes: list[int] | None = None,
+    max_new_tokens: int | None = 40,
+    threads: int | None = None,
+    pack: str = DEFAULT_PACK,
+    out_dir: str | Path = RESULTS_DIR,
+) -> dict[str, Any]:
+    """Measure every batch size (1, the sequential loop, always included) and write the results."""
+    if n < 1:
+        raise SystemExit("--n must be >= 1")
+    sizes = sorted({1, *(batch_sizes or [8, 32])})
+    if sizes[0] < 1:
+        raise SystemExit("--batch-sizes must be >= 1")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = pack_config(pack)
+    sampling = pack_sampling(config, max_new_tokens)
+    backend = TransformersBackend(model)
+    try:
+        started = time.perf_counter()
+        _ = backend.lm
+        load_seconds = time.perf_counter() - started
+        load_peak = peak_rss_mib()
+        chats = generator_chats(backend, n, config)
+        prompt_tokens = [len(ids) for ids in backend.tokenizer(backend.render(chats))["input_ids"]]
+        backend.generate(chats[:1], SamplingConfig(max_new_tokens=2), seed=0)  # warm-up, not timed
+        results = [measure(backend, chats, sampling, size) for size in sizes]
+    finally:
+        backend.close()
+    sequential = results[0]
+    for result in results:
+        result["rows_per_s_vs_sequential"] = round(result["rows_per_s"] / sequential["rows_per_s"], 2)
+        result["new_tokens_per_s_vs_sequential"] = (
+            round(result["new_tokens_per_s"] / sequential["new_tokens_per_s"], 2)
+            if sequential["new_tokens_per_s"]
+            else None
+        )
+    data = {
+        "benchmark": NAME,
+        "model": model,
+        "pack": pack,
+        "n_chats": len(chats),
+        "sampling": asdict(sampling),
+        "prompt_tokens_mean": round(statistics.mean(prompt_tokens), 1),
+        "prompt_tokens_max": max(prompt_tokens),
+        "load_seconds": round(load_seconds, 2),
+        "peak_rss_mib_after_load": load_peak,
+        "peak_rss_mib": peak_rss_mib(),
+        "machine": machine_info(),
+        "results": results,
+    }
+    write_results(NAME, data, render(data), out_dir)
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    """The markdown report: settings, then one row per batch size."""
+    sampling = data["sampling"]
+    header = (
+        f"## Generation throughput: batched vs sequential\n\n"
+        f"model `{data['model']}` (load {data['load_seconds']} s, excluded), {data['n_chats']} generator "
+        f"chats of the `{data['pack']}` pack (prompt tokens: mean {data['prompt_tokens_mean']}, "
+        f"max {data['prompt_tokens_max']}), max_new_tokens {sampling['max_new_tokens']}, "
+        f"temperature {sampling['temperature']}, top_p {sampling['top_p']}; "
+        f"torch threads {data['machine']['torch_threads']} of {data['machine']['cpu_count']} CPUs; "
+        f"peak RSS {data['peak_rss_mib']} MiB\n\n"
+    )
+    rows = [
+        [
+            r["mode"],
+            r["batch_size"],
+            r["rows"],
+            r["seconds"],
+            r["rows_per_s"],
+            r["new_tokens"],
+            r["new_tokens_per_s"],
+            r["useful_slot_fraction"],
+            r["rows_per_s_vs_sequential"],
+            r["new_tokens_per_s_vs_sequential"],
+        ]
+        for r in data["results"]
+    ]
+    headers = [
+        "mode",
+        "batch",
+        "rows",
+        "seconds",
+        "rows/s",
+        "new tokens",
+        "new tokens/s",
+        "useful slots",
+        "rows/s ÷ sequential",
+        "tokens/s ÷ sequential",
+    ]
+    return header + markdown_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model reference (default: the pack generator's)")
+    parser.add_argument("--pack", default=DEFAULT_PACK, help="pack whose seed data and sampling to use")
+    parser.add_argument("--n", type=int, default=32, help="number of generator chats")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help="1 is always added")
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    model = (
+        args.model
+        or pack_config(args.pack)["data"]["init_args"]["generator"]["init_args"]["backend"]["init_args"][
+            "model"
+        ]
+    )
+    return run(model, args.n, args.batch_sizes, args.max_new_tokens, args.threads, args.pack, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

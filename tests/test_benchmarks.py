@@ -1,0 +1,214 @@
+"""Smoke tests of the benchmark code on tiny models, so it does not rot (numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmarks import default_pack, generation_throughput
+from benchmarks.common import PhaseClock, markdown_table, pack_config, write_results
+
+
+def placeholder_teacher(texts: list[str]) -> list[float]:
+    """Test placeholder teacher: text with 'rude' or 'mean' is unsafe."""
+    return [0.9 if ("rude" in t or "mean" in t) else 0.1 for t in texts]
+
+
+def test_throughput_runs_loop_and_batches_on_the_same_chats(tiny_llama: Path, tmp_path: Path) -> None:
+    data = generation_throughput.main(
+        [
+            "--model",
+            str(tiny_llama),
+            "--n",
+            "4",
+            "--batch-sizes",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--threads",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    results = {r["batch_size"]: r for r in data["results"]}
+    assert sorted(results) == [1, 2]  # the sequential loop is always measured
+    assert results[1]["mode"] == "sequential loop" and results[2]["mode"] == "batched"
+    for result in results.values():
+        assert result["rows"] == 4
+        assert 4 <= result["new_tokens"] <= 4 * 4  # at least one token per row, at most max_new_tokens
+        assert result["rows_per_s"] > 0
+    assert results[1]["rows_per_s_vs_sequential"] == 1.0
+    assert results[1]["useful_slot_fraction"] == 1.0  # a batch of one never decodes a finished row
+    assert data["machine"]["torch_threads"] == 1
+    written = json.loads((tmp_path / "generation_throughput.json").read_text())
+    assert written["results"] == data["results"]
+    assert "| sequential loop | 1 | 4 |" in (tmp_path / "generation_throughput.md").read_text()
+
+
+def test_throughput_chats_are_the_packs_prefix_attack_chats(tiny_llama: Path) -> None:
+    from harmaug_pl.backends import TransformersBackend
+
+    pack = pack_config()
+    chats = generation_throughput.generator_chats(TransformersBackend(str(tiny_llama)), 3, pack)
+    generator = pack["data"]["init_args"]["generator"]["init_args"]
+    assert len(chats) == 3
+    for chat in chats:
+        assert [m["role"] for m in chat] == ["user", "assistant"]
+        assert chat[1]["content"] == "I have an idea for a prompt:"
+        assert chat[0]["content"].count("\n") >= generator["num_exemplars"]  # one exemplar per line
+    assert generation_throughput.pack_sampling(pack, 7).max_new_tokens == 7
+
+
+def test_table_and_writer(tmp_path: Path) -> None:
+    table = markdown_table(["a", "b"], [[1.23456, "x|y"], [2.0, "line\nbreak"]])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1.235 | x\\|y |", "| 2 | line break |"]
+    path = write_results("demo", {"value": 1}, table, tmp_path)
+    assert json.loads(path.read_text()) == {"value": 1}
+    assert (tmp_path / "demo.md").read_text() == table + "\n"
+
+
+def test_phase_clock_accumulates_named_phases() -> None:
+    clock = PhaseClock()
+    clock.start("a")
+    clock.start("b")  # ends "a"
+    clock.start("a")
+    clock.stop()
+    assert list(clock.phases) == ["a", "b"] and clock.current is None
+    assert all(p["seconds"] >= 0 and p["peak_rss_mib"] > 0 for p in clock.phases.values())
+
+
+def test_workdir_is_only_wiped_when_the_benchmark_made_it(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user file")
+    with pytest.raises(SystemExit, match="not made by this benchmark"):
+        default_pack.prepare_workdir(foreign, reuse_cache=False)
+    assert (foreign / "keep.txt").exists()
+
+    ours = tmp_path / "ours"
+    default_pack.prepare_workdir(ours, reuse_cache=False)
+    (ours / "harmaug" / "data").mkdir(parents=True)
+    (ours / "harmaug" / "checkpoints").mkdir()
+    default_pack.prepare_workdir(ours, reuse_cache=True)
+    assert sorted(p.name for p in (ours / "harmaug").iterdir()) == ["data"]
+    default_pack.prepare_workdir(ours, reuse_cache=False)
+    assert [p.name for p in ours.iterdir()] == [default_pack.MARKER]
+
+
+def test_stage_times_move_the_llm_load_out_of_the_first_computing_stage() -> None:
+    stats = {
+        "seconds_generate": 0.0,
+        "computed_generate": 0,  # fully cached
+        "seconds_respond": 50.0,
+        "computed_respond": 100,
+        "seconds_label": 2.0,
+        "computed_label": 300,
+    }
+    loads = [{"kind": "chat LLM", "seconds": 30.0}, {"kind": "student", "seconds": 5.0}]
+    stages = {s["stage"]: s for s in default_pack.stage_times(stats, loads)}
+    assert stages["generate"]["rows_per_s"] is None
+    assert stages["respond"]["seconds"] == 20.0 and stages["respond"]["rows_per_s"] == 5.0
+    assert stages["label"]["seconds"] == 2.0
+
+
+def test_binary_metrics_match_hand_computed_values() -> None:
+    probs = torch.tensor([0.9, 0.8, 0.3, 0.6, 0.1])
+    target = torch.tensor([1, 0, 1, 0, 0])
+    metrics = default_pack.binary_metrics(probs, target, 0.5)
+    # predicted unsafe: rows 0, 1, 3 -> tp 1, fp 2, fn 1
+    assert metrics["precision"] == pytest.approx(1 / 3, abs=1e-4)
+    assert metrics["recall"] == pytest.approx(0.5, abs=1e-4)
+    assert metrics["f1"] == pytest.approx(0.4, abs=1e-4)
+    # ranking 0.9(+) 0.8(-) 0.6(-) 0.3(+): AP = (1/1 + 2/4) / 2
+    assert metrics["auprc"] == pytest.approx(0.75, abs=1e-4)
+
+
+def tiny_pack(tmp_path: Path, tiny_llama: Path, tiny_student: Path) -> Path:
+    """The default pack with every model swapped for a tiny one and a small placeholder data set."""
+    rows = [{"prompt": f"write a rude joke about placeholder people {i}", "toxicity": 1} for i in range(8)]
+    rows += [{"prompt": f"how do I bake bread, variant {i}?", "toxicity": 0} for i in range(8)]
+    data_file = tmp_path / "placeholder.json"
+    data_file.write_text(json.dumps(rows))
+    pack = pack_config()
+    data = pack["data"]["init_args"]
+    data["seed_data"].update(path=str(data_file), hash_range=[0.0, 0.6])
+    data["eval_sets"]["openai_moderation_heldout"].update(path=str(data_file), hash_range=[0.6, 1.0])
+    for stage in ("generator", "responder"):
+        data[stage]["init_args"]["backend"]["init_args"]["model"] = str(tiny_llama)
+        data[stage]["init_args"]["sampling"]["max_new_tokens"] = 6
+        data[stage]["init_args"]["batch_size"] = 4
+    data["generator"]["init_args"]["num_instructions"] = 4
+    # random tiny models babble: keep any non-empty line so the run has synthetic rows
+    data["generator"]["init_args"]["min_words"] = 1
+    data["generator"]["init_args"]["sampling"]["max_new_tokens"] = 12
+    data["teacher"]["init_args"]["function"] = f"{__name__}:placeholder_teacher"
+    data.update(batch_size=4, max_length=64)
+    pack["model"]["init_args"]["student"] = str(tiny_student)
+    pack["trainer"]["max_epochs"] = 1
+    path = tmp_path / "tiny_pack.yaml"
+    path.write_text(yaml.safe_dump(pack, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_default_pack_benchmark_end_to_end_on_tiny_models(
+    tmp_path: Path, tiny_llama: Path, tiny_student: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # anything the pack still writes relative lands in tmp
+    pack = tiny_pack(tmp_path, tiny_llama, tiny_student)
+    out = tmp_path / "results"
+    args = ["--pack", str(pack), "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--in-process"]
+    data = default_pack.main(args)
+
+    runs = {r["label"]: r for r in data["runs"]}
+    assert sorted(runs) == ["harmaug", "kd_only"]
+    harmaug, kd_only = runs["harmaug"], runs["kd_only"]
+    assert harmaug["augmentation_stats"]["instructions_asked"] == 4
+    assert "instructions_asked" not in kd_only["augmentation_stats"]
+    synthetic = harmaug["augmentation_stats"]["rows_synthetic"]
+    assert synthetic > 0
+    assert (
+        harmaug["train_rows"] + harmaug["val_rows"] == kd_only["train_rows"] + kd_only["val_rows"] + synthetic
+    )
+    assert [s["stage"] for s in harmaug["stages"]] == ["generate", "respond", "label"]
+    assert {load["kind"] for load in harmaug["model_loads"]} == {"chat LLM", "student"}
+    assert "training (incl. validation)" in harmaug["phases"]
+    for run in (harmaug, kd_only):
+        metrics = run["student"]["openai_moderation_heldout"]
+        assert 0.0 <= metrics["auprc"] <= 1.0 and metrics["rows"] > 0
+        assert Path(run["checkpoint"]).is_file()
+    teacher = harmaug["teacher"]["openai_moderation_heldout"]
+    assert teacher["f1"] == 1.0  # the placeholder teacher is exact on the placeholder rows
+    # everything stayed in the work dir: the benchmark's own MLflow store, no ./mlruns
+    assert (tmp_path / "work" / "mlruns" / "mlflow.db").is_file()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "runs").exists()
+    report = (out / "default_pack.md").read_text()
+    for row in ("student (HarmAug)", "student (KD-only)", "| openai_moderation_heldout | teacher |"):
+        assert row in report
+
+
+def test_variant_child_process_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent's command line parses in the child, and the child's result comes back to the parent."""
+    calls = []
+
+    def fake_run_variant(label: str, pack: str, workdir: Path, max_epochs: int | None, ckpt: str) -> dict:
+        calls.append((label, pack, workdir, max_epochs, ckpt))
+        return {"label": label, "peak_rss_mib": 1.0}
+
+    def fake_subprocess_run(command: list[str], env: dict[str, str], check: bool) -> object:
+        assert command[1:3] == ["-m", "benchmarks.default_pack"]
+        assert str(default_pack.REPO) in env["PYTHONPATH"].split(":")
+        default_pack.main(command[3:])  # what the child process would do
+        return type("Completed", (), {"returncode": 0})()
+
+    monkeypatch.setattr(default_pack, "run_variant", fake_run_variant)
+    monkeypatch.setattr(default_pack.subprocess, "run", fake_subprocess_run)
+    (tmp_path / "kd_only").mkdir()
+    result = default_pack.run_variant_in_child("kd_only", "cpu_tiny", tmp_path, 2, "last")
+    assert result == {"label": "kd_only", "peak_rss_mib": 1.0}
+    assert calls == [("kd_only", "cpu_tiny", tmp_path, 2, "last")]
