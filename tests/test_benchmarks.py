@@ -176,7 +176,9 @@ def test_default_pack_benchmark_end_to_end_on_tiny_models(
         harmaug["train_rows"] + harmaug["val_rows"] == kd_only["train_rows"] + kd_only["val_rows"] + synthetic
     )
     assert [s["stage"] for s in harmaug["stages"]] == ["generate", "respond", "label"]
-    assert {load["kind"] for load in harmaug["model_loads"]} == {"chat LLM", "student"}
+    # the chat LLM may already be loaded by an earlier test (backends share loaded models)
+    assert "student" in {load["kind"] for load in harmaug["model_loads"]}
+    assert {load["kind"] for load in harmaug["model_loads"]} <= {"chat LLM", "student"}
     assert "training (incl. validation)" in harmaug["phases"]
     for run in (harmaug, kd_only):
         metrics = run["student"]["openai_moderation_heldout"]
