@@ -155,7 +155,13 @@ def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
         trainer_class=HarmAugTrainer,
         save_config_callback=MLflowSaveConfig,
         save_config_kwargs={"save_to_log_dir": False},
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "description": (
+                "HarmAug guard distillation. Give packs with --config (a path or a shipped name: "
+                f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets."
+            ),
+        },
         seed_everything_default=42,
         args=None if args is None else resolve_pack_args(list(args)),
         auto_configure_optimizers=False,
