@@ -54,7 +54,11 @@ def test_throughput_chats_are_the_packs_prefix_attack_chats(tiny_llama: Path) ->
     from harmaug_pl.backends import TransformersBackend
 
     pack = pack_config()
-    chats = generation_throughput.generator_chats(TransformersBackend(str(tiny_llama)), 3, pack)
+    backend = TransformersBackend(str(tiny_llama))
+    try:
+        chats = generation_throughput.generator_chats(backend, 3, pack)
+    finally:
+        backend.close()  # backends share loaded models: leave none behind for later tests
     generator = pack["data"]["init_args"]["generator"]["init_args"]
     assert len(chats) == 3
     for chat in chats:
