@@ -141,6 +141,15 @@ def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
         raise SystemExit(2) from error
 
 
+def console_main() -> None:
+    """The ``harmaug`` and ``lightning`` console scripts.
+
+    They call ``sys.exit(<this>())``: returning the CLI object (as :func:`main` does for tests and
+    notebooks) would print it and exit with status 1 after a successful run.
+    """
+    main()
+
+
 def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
     # Packs write absolute ``${model.init_args.student}``; under a subcommand the key is
     # ``fit.model...``, which this setting makes work (and keeps packs readable).

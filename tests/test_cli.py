@@ -158,3 +158,22 @@ def test_lightning_console_script() -> None:
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "{fit,validate,test,predict,augment}" in done.stdout
+
+
+def test_console_scripts_exit_zero_after_a_successful_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Console scripts run ``sys.exit(entry())``: the entry must return None, not the CLI object."""
+    import importlib.metadata
+
+    import harmaug_pl.cli
+
+    calls = []
+    monkeypatch.setattr(harmaug_pl.cli, "main", lambda *a, **k: calls.append(a) or object())
+    scripts = {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="console_scripts")
+        if ep.name in ("harmaug", "lightning") and ep.value.startswith("harmaug_pl")
+    }
+    assert scripts == {"harmaug": "harmaug_pl.cli:console_main", "lightning": "harmaug_pl.cli:console_main"}
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(harmaug_pl.cli.console_main())
+    assert exit_info.value.code is None and calls == [()]  # status 0
