@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -18,6 +18,7 @@ from torchmetrics.classification import (
 from transformers import get_linear_schedule_with_warmup
 
 from harmaug_pl.errors import ConfigError
+from harmaug_pl.evaluation.metrics import Calibration, ScoredSet, calibrate_threshold
 from harmaug_pl.models import load_sequence_classifier
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class DistillationModule(L.LightningModule):
     Validation dataloaders are ``[val, *eval_sets]`` and test dataloaders ``eval_sets``, in the order
     of ``datamodule.eval_set_names``. On ``val`` the target is the teacher's hard label (agreement
     with the teacher); on eval sets it is the human label. ``mean/*`` averages the eval sets.
+
+    After each validation epoch the decision threshold is calibrated on the val split
+    (``threshold_calibration``: ``max_f1`` or the lowest threshold with FPR <= ``target_fpr``, against
+    the teacher's hard labels, the only labels the val split has) and kept in the checkpoint, so
+    ``harmaug test --ckpt_path`` reports at the pack's ``threshold`` and at the calibrated one.
     """
 
     def __init__(
@@ -87,6 +93,8 @@ class DistillationModule(L.LightningModule):
         adam_epsilon: float = 1e-8,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        threshold_calibration: Calibration = "max_f1",
+        target_fpr: float = 0.05,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -95,6 +103,13 @@ class DistillationModule(L.LightningModule):
             raise ConfigError(f"model.threshold must be in (0, 1), got {threshold}")
         if teacher_temperature <= 0:
             raise ConfigError(f"model.teacher_temperature must be > 0, got {teacher_temperature}")
+        if threshold_calibration not in get_args(Calibration):
+            raise ConfigError(
+                f"model.threshold_calibration must be one of {get_args(Calibration)}, "
+                f"got {threshold_calibration!r}"
+            )
+        if not 0.0 <= target_fpr <= 1.0:
+            raise ConfigError(f"model.target_fpr must be in [0, 1], got {target_fpr}")
         self.save_hyperparameters()
         self.student = load_sequence_classifier(
             student,
@@ -109,9 +124,12 @@ class DistillationModule(L.LightningModule):
         self.test_names: list[str] = []
         self.val_metrics = torch.nn.ModuleDict()
         self.test_metrics = torch.nn.ModuleDict()
-        # scores and human labels of the last test run, per eval set (for plots and reports)
-        self.test_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._test_buffers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # NaN until a validation epoch calibrated it; saved in checkpoints with the weights
+        self.register_buffer("calibrated_threshold", torch.tensor(float("nan")))
+        # student/teacher scores and human labels of the last test run, per eval set (plots, reports)
+        self.test_outputs: dict[str, ScoredSet] = {}
+        self._test_buffers: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        self._val_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- wiring eval sets ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -164,12 +182,18 @@ class DistillationModule(L.LightningModule):
     def validation_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self._update(self.val_metrics, self.val_names[dataloader_idx], batch)
+        name = self.val_names[dataloader_idx]
+        probs, target = self._update(self.val_metrics, name, batch)
+        if name == "val":
+            self._val_buffer.append((probs.detach().cpu(), target.detach().cpu()))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.test_names[dataloader_idx]
         probs, target = self._update(self.test_metrics, name, batch)
-        self._test_buffers.setdefault(name, []).append((probs.detach().cpu(), target.detach().cpu()))
+        teacher = batch["teacher_score"][batch["label"] >= 0]
+        self._test_buffers.setdefault(name, []).append(
+            (probs.detach().cpu(), target.detach().cpu(), teacher.detach().cpu())
+        )
 
     def on_test_epoch_start(self) -> None:
         self._test_buffers = {}
@@ -197,13 +221,39 @@ class DistillationModule(L.LightningModule):
         for key, values in per_metric.items():
             self.log(f"mean/{key}", torch.stack(values).mean(), add_dataloader_idx=False)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_buffer = []
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch(self.val_metrics, self.val_names)
+        if self._val_buffer and not self.trainer.sanity_checking:
+            self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Set ``calibrated_threshold`` from this epoch's val scores (rank 0's share; all ranks agree)."""
+        probs = torch.cat([p for p, _ in self._val_buffer]).double().numpy()
+        target = torch.cat([t for _, t in self._val_buffer]).numpy()
+        hp = self.hparams
+        found = calibrate_threshold(target, probs, hp.threshold_calibration, hp.target_fpr)
+        value = self.trainer.strategy.broadcast(float("nan") if found is None else found, src=0)
+        self.calibrated_threshold.fill_(value)
+        if found is None and self.hparams.threshold_calibration != "none":
+            log.warning("threshold calibration: the val split has one class or one score; not calibrated")
+        elif found is not None:
+            self.log("val/calibrated_threshold", value, add_dataloader_idx=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before calibration existed load with an uncalibrated threshold."""
+        checkpoint["state_dict"].setdefault("calibrated_threshold", torch.tensor(float("nan")))
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch(self.test_metrics, self.test_names)
         self.test_outputs = {
-            name: (torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts]))
+            name: ScoredSet(
+                target=torch.cat([t for _, t, _ in parts]).numpy(),
+                student=torch.cat([p for p, _, _ in parts]).double().numpy(),
+                teacher=torch.cat([s for _, _, s in parts]).double().numpy(),
+            )
             for name, parts in self._test_buffers.items()
         }
 

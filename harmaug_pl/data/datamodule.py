@@ -18,7 +18,7 @@ from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError
+from harmaug_pl.errors import ConfigError, DataError
 from harmaug_pl.models import load_tokenizer
 from harmaug_pl.teacher import Teacher
 
@@ -100,7 +100,10 @@ class HarmAugDataModule(L.LightningDataModule):
     ``setup`` loads the seed data, runs generator -> responder -> teacher (sharded across ranks, a
     barrier between stages, every rank then reads the full set), splits train/val and tokenises
     with the student's tokenizer. ``augment: false`` gives the KD-only baseline on the same pack.
-    Eval sets are served as one val/test dataloader each, named by their key.
+    Eval sets are served as one val/test dataloader each, named by their key. Their rows without a
+    human label are left out (counted in ``eval_unlabelled``); with ``score_eval_with_teacher`` the
+    teacher scores every remaining row through the same cache, so reports compare student and
+    teacher on the same rows.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class HarmAugDataModule(L.LightningDataModule):
         max_length: int = 512,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        score_eval_with_teacher: bool = True,
     ) -> None:
         super().__init__()
         if augment and generator is None:
@@ -152,6 +156,7 @@ class HarmAugDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.num_workers = num_workers
         self.trust_remote_code = trust_remote_code
+        self.score_eval_with_teacher = score_eval_with_teacher
         self.pipeline = AugmentationPipeline(
             generator=generator if augment else None,
             responder=responder if augment else None,
@@ -162,6 +167,7 @@ class HarmAugDataModule(L.LightningDataModule):
         self.train_rows: list[GuardExample] = []
         self.val_rows: list[GuardExample] = []
         self.eval_rows: dict[str, list[GuardExample]] = {}
+        self.eval_unlabelled: dict[str, int] = {}
         self._tokenizer: Any = None
 
     @property
@@ -226,8 +232,32 @@ class HarmAugDataModule(L.LightningDataModule):
             )
             log.info("train rows: %d, val rows: %d", len(self.train_rows), len(self.val_rows))
         if not self.eval_rows:
-            for name, source in self.eval_sources.items():
-                self.eval_rows[name] = load_examples(source, origin="eval").examples
+            self.eval_rows = self._load_eval_sets()
+
+    def _load_eval_sets(self) -> dict[str, list[GuardExample]]:
+        """Each eval set's human-labelled rows, teacher-scored (one teacher pass over all sets, cached)."""
+        sets: dict[str, list[GuardExample]] = {}
+        for name, source in self.eval_sources.items():
+            rows = load_examples(source, origin="eval").examples
+            sets[name] = [row for row in rows if row.label is not None]
+            self.eval_unlabelled[name] = len(rows) - len(sets[name])
+            if self.eval_unlabelled[name]:
+                log.info("eval set %r: %d rows without a label left out", name, self.eval_unlabelled[name])
+            if not sets[name]:
+                raise DataError(f"eval set {name!r} ({source.display}): no row has a label")
+        if not self.score_eval_with_teacher or not sets:
+            return sets
+        rank, world_size, barrier = self._distributed()
+        flat = [row for rows in sets.values() for row in rows]
+        cache = self.data_dir / "cache"
+        scored = self.pipeline.label(
+            flat, cache, stage="label_eval", rank=rank, world_size=world_size, barrier=barrier
+        )
+        self.pipeline.close()
+        start = 0
+        for name, rows in sets.items():
+            sets[name], start = scored[start : start + len(rows)], start + len(rows)
+        return sets
 
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, rows: list[GuardExample], batch_size: int, **kwargs: Any) -> DataLoader:

@@ -26,7 +26,8 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,7 +63,9 @@ class DataSource:
     ``.json`` file whose top level is an object. ``hash_range: [lo, hi]`` keeps the rows whose
     prompt hash (:func:`prompt_hash_fraction`) falls in ``[lo, hi)``, so one file can be split into
     disjoint seed and held-out parts. Order of filters: validation, ``drop_duplicates``,
-    ``hash_range``, ``limit``.
+    ``hash_range``, ``limit``. ``preset: <name>`` fills every setting left at its default from a
+    shipped eval set (:mod:`harmaug_pl.evaluation.presets`); ``path`` given with a hub preset reads
+    that local copy instead of the hub.
     """
 
     path: str | None = None
@@ -84,9 +87,12 @@ class DataSource:
     limit: int | None = None
     hash_range: tuple[float, float] | None = None
     name: str | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         """Reject inconsistent settings when the pack is parsed, before any data is read."""
+        if self.preset is not None:
+            self._apply_preset(self.preset)
         if (self.path is None) == (self.hf_name is None):
             raise ConfigError(
                 "DataSource: set exactly one of 'path' (a local file or pkg://...) and 'hf_name' "
@@ -120,6 +126,33 @@ class DataSource:
                     f"{self.display}: hash_range must be [lo, hi] with 0 <= lo < hi <= 1, "
                     f"got {self.hash_range}"
                 )
+
+    def _apply_preset(self, name: str) -> None:
+        """Settings still at their default take the preset's; a location given here wins over its own."""
+        from harmaug_pl.evaluation.presets import load_preset
+
+        preset = load_preset(name)
+        skip = set()
+        if self.path is not None:
+            skip = {"hf_name", "hf_config", "split", "data_files", "revision"}
+        elif self.hf_name is not None:
+            skip = {"path", "format", "records_key"}
+        defaults = {
+            f.name: f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+            for f in dataclass_fields(self)
+        }
+        for key, value in preset.source.items():
+            if key not in defaults:
+                raise ConfigError(f"eval-set preset {name!r}: unknown DataSource setting {key!r}")
+            if key not in skip and getattr(self, key) == defaults[key]:
+                setattr(self, key, value)
+        if self.name is None:
+            self.name = name
+        if self.path is None and self.hf_name is None:
+            raise ConfigError(
+                f"preset {name!r} ({preset.description}) has no public hub copy: set path: to a local "
+                "json/jsonl/csv/parquet file (see the README's evaluation section)"
+            )
 
     @property
     def display(self) -> str:
