@@ -1,4 +1,4 @@
-"""Callbacks that put what a run produced into MLflow: config, augmentation stats, plots, the model."""
+"""Callbacks that put what a run produced into MLflow: config, stats, plots, eval reports, the model."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from harmaug_pl.errors import ConfigError
+from harmaug_pl.evaluation.metrics import ScoredSet
+from harmaug_pl.evaluation.presets import load_preset
+from harmaug_pl.evaluation.report import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -84,52 +89,127 @@ class StudentExport(L.Callback):
             )
 
 
+def calibrated_threshold(pl_module: L.LightningModule) -> float | None:
+    """The module's val-calibrated threshold, or None when it has none (yet)."""
+    value = getattr(pl_module, "calibrated_threshold", None)
+    if value is None or torch.isnan(value):
+        return None
+    return float(value)
+
+
 class EvalPlots(L.Callback):
-    """Precision-recall curve, confusion matrix and score histograms per eval set, as MLflow PNGs."""
+    """Per eval set, one MLflow PNG: PR curves (student and teacher), confusion matrices, score histograms.
+
+    Confusion matrices are drawn at ``threshold`` and, when the module calibrated one on the val
+    split, at the calibrated threshold too.
+    """
 
     def __init__(self, threshold: float = 0.5) -> None:
         self.threshold = threshold
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = mlflow_logger(trainer)
-        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = getattr(pl_module, "test_outputs", {})
+        outputs: dict[str, ScoredSet] = getattr(pl_module, "test_outputs", {})
         if logger is None or trainer.global_rank != 0:
             return
-        for name, (probs, target) in outputs.items():
-            figure = self.figure(name, probs.numpy(), target.numpy())
+        for name, scored in outputs.items():
+            figure = self.figure(name, scored, calibrated_threshold(pl_module))
             logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
             plt.close(figure)
 
-    def figure(self, name: str, probs: Any, target: Any) -> plt.Figure:
+    def figure(self, name: str, scored: ScoredSet, calibrated: float | None = None) -> plt.Figure:
         from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay
 
-        fig, (ax_pr, ax_cm, ax_hist) = plt.subplots(1, 3, figsize=(15, 4.5))
-        if len(set(target.tolist())) == 2:
-            PrecisionRecallDisplay.from_predictions(target, probs, ax=ax_pr, name="student")
+        fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+        ax_pr, ax_cm, ax_cm_cal, ax_hist, ax_hist_teacher, ax_blank = axes.ravel()
+        ax_blank.axis("off")
+        scorers = {"student": scored.student}
+        if scored.teacher is not None:
+            scorers["teacher"] = scored.teacher
+        if len(set(scored.target.tolist())) == 2:
+            for label, scores in scorers.items():
+                PrecisionRecallDisplay.from_predictions(scored.target, scores, ax=ax_pr, name=label)
         else:
             ax_pr.text(0.5, 0.5, "one class only:\nPR curve undefined", ha="center", va="center")
-        ConfusionMatrixDisplay.from_predictions(
-            target,
-            (probs > self.threshold).astype(int),
-            labels=[0, 1],
-            display_labels=["safe", "unsafe"],
-            ax=ax_cm,
-            colorbar=False,
-        )
-        for label, colour in ((0, "tab:green"), (1, "tab:red")):
-            ax_hist.hist(
-                probs[target == label],
+        ax_pr.set_title(f"{name}: precision-recall")
+        for ax, threshold in ((ax_cm, self.threshold), (ax_cm_cal, calibrated)):
+            if threshold is None:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "no calibrated threshold", ha="center", va="center")
+                continue
+            ConfusionMatrixDisplay.from_predictions(
+                scored.target,
+                (scored.student > threshold).astype(int),
+                labels=[0, 1],
+                display_labels=["safe", "unsafe"],
+                ax=ax,
+                colorbar=False,
+            )
+            kind = "calibrated " if ax is ax_cm_cal else ""
+            ax.set_title(f"student, {kind}threshold {threshold:.3g}")
+        for ax, label in ((ax_hist, "student"), (ax_hist_teacher, "teacher")):
+            if label not in scorers:
+                ax.axis("off")
+                continue
+            self._histogram(ax, scorers[label], scored.target, label, calibrated)
+        fig.tight_layout()
+        return fig
+
+    def _histogram(self, ax: Any, scores: Any, target: Any, label: str, calibrated: float | None) -> None:
+        for value, colour in ((0, "tab:green"), (1, "tab:red")):
+            ax.hist(
+                scores[target == value],
                 bins=20,
                 range=(0, 1),
                 alpha=0.6,
                 color=colour,
-                label=("safe" if label == 0 else "unsafe"),
+                label=("safe" if value == 0 else "unsafe"),
             )
-        ax_hist.axvline(self.threshold, color="black", linestyle="--")
-        ax_hist.set_xlabel("student P(unsafe)")
-        ax_hist.legend()
-        ax_pr.set_title(f"{name}: precision-recall")
-        ax_cm.set_title(f"confusion at threshold {self.threshold}")
-        ax_hist.set_title("scores by human label")
-        fig.tight_layout()
-        return fig
+        ax.axvline(self.threshold, color="black", linestyle="--", label=f"threshold {self.threshold:g}")
+        if calibrated is not None and label == "student":
+            ax.axvline(calibrated, color="tab:blue", linestyle=":", label=f"calibrated {calibrated:.3g}")
+        ax.set_xlabel(f"{label} P(unsafe)")
+        ax.set_title(f"{label} scores by human label")
+        ax.legend()
+
+
+class EvalReporter(L.Callback):
+    """After every test run: the evaluation report (student, teacher, published), printed and logged.
+
+    MLflow gets ``report/...`` metrics and ``report/eval_report.md`` / ``report/eval_report.csv``.
+    The student is reported at the module's threshold and at its val-calibrated one; the teacher at
+    the module's threshold (its hard-label rule), on the same rows.
+    """
+
+    def __init__(self, ece_bins: int = 10) -> None:
+        if ece_bins < 1:
+            raise ConfigError(f"report.ece_bins must be >= 1, got {ece_bins}")
+        self.ece_bins = ece_bins
+        self.report: EvalReport | None = None
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        outputs: dict[str, ScoredSet] = getattr(pl_module, "test_outputs", {})
+        if trainer.global_rank != 0 or not outputs:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        sources = getattr(datamodule, "eval_sources", {})
+        presets = {
+            name: load_preset(sources[name].preset) if name in sources and sources[name].preset else None
+            for name in outputs
+        }
+        self.report = EvalReport.build(
+            outputs,
+            presets,
+            threshold=float(pl_module.hparams.threshold),
+            calibrated_threshold=calibrated_threshold(pl_module),
+            unlabelled=getattr(datamodule, "eval_unlabelled", {}),
+            ece_bins=self.ece_bins,
+        )
+        markdown = self.report.to_markdown()
+        print(markdown)
+        logger = mlflow_logger(trainer)
+        if logger is None:
+            return
+        logger.log_metrics(self.report.metrics(), step=trainer.global_step)
+        logger.experiment.log_text(logger.run_id, markdown, "report/eval_report.md")
+        logger.experiment.log_text(logger.run_id, self.report.to_csv(), "report/eval_report.csv")

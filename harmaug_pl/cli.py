@@ -16,7 +16,13 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from harmaug_pl.callbacks import EvalPlots, MLflowSaveConfig, StudentExport, log_augmentation_stats
+from harmaug_pl.callbacks import (
+    EvalPlots,
+    EvalReporter,
+    MLflowSaveConfig,
+    StudentExport,
+    log_augmentation_stats,
+)
 from harmaug_pl.errors import ConfigError, HarmAugError
 
 PACKAGE_DIR = Path(__file__).parent
@@ -110,6 +116,7 @@ class HarmAugCLI(LightningCLI):
         # Always-on callbacks, configurable under their own keys (so callback sets layer freely).
         parser.add_lightning_class_args(StudentExport, "export")
         parser.add_lightning_class_args(EvalPlots, "plots")
+        parser.add_lightning_class_args(EvalReporter, "report")
         parser.set_defaults({"trainer.logger": MLFLOW_DEFAULT})
 
 
