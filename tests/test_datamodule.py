@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from harmaug_pl.data.datamodule import HarmAugDataModule, PairCollator, stratified_group_split
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError
+from harmaug_pl.errors import ConfigError, DataError
 from harmaug_pl.teacher import CallableTeacher
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
@@ -208,3 +208,40 @@ def test_eval_set_names_that_clash_with_metric_keys_are_rejected(
 def test_augment_without_generator_is_a_config_error(tmp_path: Path, tiny_student: Path) -> None:
     with pytest.raises(ConfigError, match="generator"):
         tiny_datamodule(tmp_path, tiny_student, augment=True)
+
+
+def test_eval_rows_are_teacher_scored_and_unlabelled_left_out(tmp_path: Path, tiny_student: Path) -> None:
+    rows = [
+        {"prompt": PLACEHOLDER_UNSAFE[0], "response": "Sure, rude.", "harm": "harmful"},
+        {"prompt": "how do I bake bread?", "response": "Mix flour and water.", "harm": "unharmful"},
+        {"prompt": "tell me a mean placeholder insult", "response": None, "harm": None},  # no response label
+    ]  # fmt: skip
+    dm = tiny_datamodule(tmp_path, tiny_student, eval_sizes={})
+    dm.eval_sources = {
+        "placeholder_pairs": DataSource(
+            path=str(write_jsonl(tmp_path / "pairs.jsonl", rows)),
+            response_field="response",
+            label_field="harm",
+        )
+    }
+    dm.setup("test")
+    scored = dm.eval_rows["placeholder_pairs"]
+    assert [r.label for r in scored] == [1, 0]
+    assert dm.eval_unlabelled == {"placeholder_pairs": 1}
+    # the keyword teacher judged each pair, so teacher and student see the same rows
+    assert [r.teacher_score for r in scored] == [0.9, 0.1]
+    assert (tmp_path / "data" / "cache" / "label_eval").is_dir()
+    # a second data module reuses the cached teacher scores
+    again = tiny_datamodule(tmp_path, tiny_student, eval_sizes={})
+    again.eval_sources = dm.eval_sources
+    again.pipeline.teacher.score = None  # would fail if called
+    again.setup("test")
+    assert [r.teacher_score for r in again.eval_rows["placeholder_pairs"]] == [0.9, 0.1]
+
+
+def test_eval_set_without_any_label_is_a_data_error(tmp_path: Path, tiny_student: Path) -> None:
+    dm = tiny_datamodule(tmp_path, tiny_student, eval_sizes={})
+    path = write_jsonl(tmp_path / "unlabelled.jsonl", [{"prompt": "how do I bake bread?", "toxicity": None}])
+    dm.eval_sources = {"placeholder_unlabelled": DataSource(path=str(path), label_field="toxicity")}
+    with pytest.raises(DataError, match="placeholder_unlabelled.*no row has a label"):
+        dm.setup("test")

@@ -208,9 +208,30 @@ def test_fit_trains_and_logs_per_set_and_mean_metrics(trained) -> None:
 def test_test_outputs_hold_every_labelled_eval_row(trained) -> None:
     model, _, _, _, _ = trained
     assert list(model.test_outputs) == ["placeholder_a", "placeholder_b"]
-    probs, target = model.test_outputs["placeholder_b"]
-    assert len(probs) == 5 and target.tolist() == [1, 0, 1, 0, 1]
-    assert ((probs >= 0) & (probs <= 1)).all()
+    scored = model.test_outputs["placeholder_b"]
+    assert len(scored.student) == 5 and scored.target.tolist() == [1, 0, 1, 0, 1]
+    assert ((scored.student >= 0) & (scored.student <= 1)).all()
+    # the keyword teacher scored the same rows in the data module ("rude"/"mean" -> 0.9)
+    assert scored.teacher.tolist() == pytest.approx([0.9, 0.1, 0.9, 0.1, 0.9])  # float32 in the batch
+
+
+def test_threshold_is_calibrated_on_val_and_kept_in_the_checkpoint(trained, tmp_path: Path) -> None:
+    model, trainer, _, _, metrics = trained
+    calibrated = model.calibrated_threshold.item()
+    assert 0.0 < calibrated < 1.0 and metrics["val/calibrated_threshold"] == pytest.approx(calibrated)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state["calibrated_threshold"].item() == calibrated
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"threshold_calibration": "best"}, "threshold_calibration"), ({"target_fpr": 1.5}, "target_fpr")],
+)
+def test_bad_calibration_settings_are_config_errors(tiny_student: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DistillationModule(str(tiny_student), **kwargs)
 
 
 def test_student_trains_in_bf16_mixed(tmp_path: Path, tiny_student: Path) -> None:

@@ -17,7 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from harmaug_pl.callbacks import EvalPlots, StudentExport
+from harmaug_pl.callbacks import EvalPlots, EvalReporter, StudentExport
 from harmaug_pl.cli import PACKAGE_DIR, HarmAugCLI, HarmAugTrainer, main
 from harmaug_pl.data.datamodule import HarmAugDataModule
 from harmaug_pl.module import DistillationModule
@@ -28,7 +28,7 @@ PACKS = sorted((PACKAGE_DIR / "packs").glob("*.yaml"))
 LOCAL_SOURCE = {  # every DataSource setting, so nothing of the pack's hub source survives the merge
     "hf_name": None, "hf_config": None, "split": "train", "format": None, "data_files": None,
     "prompt_field": "prompt", "response_field": "response", "label_field": "label",
-    "hash_range": None, "on_bad_row": "error",
+    "hash_range": None, "on_bad_row": "error", "preset": None,
 }  # fmt: skip
 
 
@@ -107,7 +107,7 @@ def test_pack_instantiates_with_tiny_models(
     assert model.hparams.warmup_steps == init["warmup_steps"]
     assert dm.tokenizer_ref == str(tiny_student) and dm.threshold == model.hparams.threshold
     assert dm.max_length == pack["data"]["init_args"]["max_length"]
-    assert dm.eval_set_names == list(pack["data"]["init_args"]["eval_sets"])
+    assert sorted(dm.eval_set_names) == sorted(pack["data"]["init_args"]["eval_sets"])
     assert trainer.max_epochs == pack["trainer"]["max_epochs"] and trainer.gradient_clip_val == 1.0
     assert trainer.precision == pack["trainer"]["precision"]
     assert dm.tokenizer.pad_token is not None  # the student's tokenizer loads
@@ -125,7 +125,7 @@ def test_pack_instantiates_with_tiny_models(
         dm.pipeline.teacher.close()
 
     callbacks = {type(c): c for c in trainer.callbacks}
-    assert StudentExport in callbacks and EvalPlots in callbacks
+    assert StudentExport in callbacks and EvalPlots in callbacks and EvalReporter in callbacks
     assert callbacks[StudentExport].export_dir == folder / "student"
     checkpoint = callbacks[ModelCheckpoint]
     assert checkpoint.monitor == "val/auprc" and checkpoint.mode == "max"
@@ -133,7 +133,7 @@ def test_pack_instantiates_with_tiny_models(
 
 def test_deberta_large_is_the_papers_recipe(instantiate) -> None:
     """Section 2 of the recipe, as instantiated (bf16-mixed kept; it runs on the CPU too)."""
-    _, cli, _ = instantiate("deberta_large", "deberta_large_recipe")
+    pack, cli, _ = instantiate("deberta_large", "deberta_large_recipe")
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
 
     assert model.hparams.learning_rate == 3e-5 and model.hparams.weight_decay == 0.1
@@ -143,5 +143,9 @@ def test_deberta_large_is_the_papers_recipe(instantiate) -> None:
     assert trainer.precision == "bf16-mixed"
     assert dm.max_length == 1024 and dm.balanced_sampling and dm.val_fraction == 0.1 and dm.augment
     assert isinstance(dm.pipeline.teacher, LlamaGuardTeacher) and dm.pipeline.teacher.suffix == "\n\n"
-    assert dm.eval_set_names == ["openai_moderation", "toxicchat", "wildguardmix"]
+    # the paper's four sets and XSTest, each from its shipped preset
+    names = ["harmbench", "openai_moderation", "toxicchat", "wildguardmix", "xstest"]
+    assert sorted(dm.eval_set_names) == names
+    presets = {name: spec["preset"] for name, spec in pack["data"]["init_args"]["eval_sets"].items()}
+    assert presets == dict(zip(names, names))
     assert dm.eval_sources["toxicchat"].path is not None and dm.eval_sources["toxicchat"].hf_name is None
