@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, get_args
 
 import lightning as L
@@ -237,10 +238,10 @@ class DistillationModule(L.LightningModule):
         found = calibrate_threshold(target, probs, hp.threshold_calibration, hp.target_fpr)
         value = self.trainer.strategy.broadcast(float("nan") if found is None else found, src=0)
         self.calibrated_threshold.fill_(value)
-        if found is None and self.hparams.threshold_calibration != "none":
-            log.warning("threshold calibration: the val split has one class or one score; not calibrated")
-        elif found is not None:
+        if not math.isnan(value):
             self.log("val/calibrated_threshold", value, add_dataloader_idx=False)
+        elif hp.threshold_calibration != "none":
+            log.warning("threshold calibration: the val split has one class or one score; not calibrated")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints written before calibration existed load with an uncalibrated threshold."""

@@ -221,8 +221,12 @@ def test_threshold_is_calibrated_on_val_and_kept_in_the_checkpoint(trained, tmp_
     assert 0.0 < calibrated < 1.0 and metrics["val/calibrated_threshold"] == pytest.approx(calibrated)
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    state = torch.load(path, weights_only=True)["state_dict"]
-    assert state["calibrated_threshold"].item() == calibrated
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["state_dict"]["calibrated_threshold"].item() == calibrated
+    # a checkpoint from before calibration existed still loads, uncalibrated
+    del checkpoint["state_dict"]["calibrated_threshold"]
+    torch.save(checkpoint, path)
+    assert DistillationModule.load_from_checkpoint(path, weights_only=True).calibrated_threshold.isnan()
 
 
 @pytest.mark.parametrize(

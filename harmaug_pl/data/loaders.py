@@ -65,7 +65,8 @@ class DataSource:
     disjoint seed and held-out parts. Order of filters: validation, ``drop_duplicates``,
     ``hash_range``, ``limit``. ``preset: <name>`` fills every setting left at its default from a
     shipped eval set (:mod:`harmaug_pl.evaluation.presets`); ``path`` given with a hub preset reads
-    that local copy instead of the hub.
+    that local copy instead of the hub. A setting given with its default value counts as left at
+    its default (a dataclass cannot tell them apart), so the preset's value wins there.
     """
 
     path: str | None = None
