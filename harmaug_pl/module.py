@@ -214,6 +214,9 @@ class DistillationModule(L.LightningModule):
                 log.warning("eval set %r had no labelled rows this epoch; skipped", name)
                 continue
             values = collection.compute()
+            if values[f"{name}/auprc"] == 0:  # AP is > 0 whenever there is an unsafe row
+                log.warning("eval set %r has no unsafe rows: AUPRC undefined, not logged", name)
+                del values[f"{name}/auprc"]
             self.log_dict(values, add_dataloader_idx=False)
             if name != "val":
                 for key, value in values.items():

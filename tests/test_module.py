@@ -12,8 +12,11 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
 
+from harmaug_pl.callbacks import EvalReporter
+from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.module import DistillationModule, distillation_loss, metric_collection, soften
+from tests.helpers import PLACEHOLDER_SAFE, write_jsonl
 from tests.test_datamodule import tiny_datamodule
 
 LOGITS = [[2.0, -1.0], [0.5, 0.5], [-1.0, 3.0], [0.0, 1.0]]
@@ -248,3 +251,19 @@ def test_student_trains_in_bf16_mixed(tmp_path: Path, tiny_student: Path) -> Non
     assert len(recorder.losses) == 2 and all(math.isfinite(x) for x in recorder.losses)
     assert model.student.classifier.weight.dtype == torch.float32  # master weights stay fp32
     assert not torch.equal(model.student.classifier.weight, before)
+
+
+def test_a_one_class_eval_set_reads_undefined_not_zero(tmp_path: Path, tiny_student: Path) -> None:
+    dm = tiny_datamodule(tmp_path, tiny_student, eval_sizes={})
+    path = write_jsonl(tmp_path / "safe.jsonl", [{"prompt": p, "toxicity": 0} for p in PLACEHOLDER_SAFE])
+    dm.eval_sources = {"placeholder_safe_only": DataSource(path=str(path), label_field="toxicity")}
+    reporter = EvalReporter()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[reporter], enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    results = trainer.test(DistillationModule(str(tiny_student)), datamodule=dm, verbose=False)[0]
+    assert "placeholder_safe_only/auprc" not in results and "mean/auprc" not in results
+    assert "placeholder_safe_only/f1" in results
+    student = reporter.report.rows[0].metrics
+    assert student.auprc is None and student.recall is None and student.fpr is not None
