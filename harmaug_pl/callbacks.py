@@ -121,8 +121,7 @@ class EvalPlots(L.Callback):
         from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay
 
         fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-        ax_pr, ax_cm, ax_cm_cal, ax_hist, ax_hist_teacher, ax_blank = axes.ravel()
-        ax_blank.axis("off")
+        ax_pr, ax_cm, ax_cm_cal, ax_hist, ax_hist_teacher, ax_cm_teacher = axes.ravel()
         scorers = {"student": scored.student}
         if scored.teacher is not None:
             scorers["teacher"] = scored.teacher
@@ -132,21 +131,26 @@ class EvalPlots(L.Callback):
         else:
             ax_pr.text(0.5, 0.5, "one class only:\nPR curve undefined", ha="center", va="center")
         ax_pr.set_title(f"{name}: precision-recall")
-        for ax, threshold in ((ax_cm, self.threshold), (ax_cm_cal, calibrated)):
-            if threshold is None:
+        matrices = (
+            (ax_cm, "student", self.threshold, "threshold"),
+            (ax_cm_cal, "student", calibrated, "calibrated threshold"),
+            (ax_cm_teacher, "teacher", self.threshold, "threshold"),
+        )
+        for ax, label, threshold, kind in matrices:
+            if threshold is None or label not in scorers:
                 ax.axis("off")
-                ax.text(0.5, 0.5, "no calibrated threshold", ha="center", va="center")
+                missing = "no calibrated threshold" if threshold is None else "no teacher scores"
+                ax.text(0.5, 0.5, missing, ha="center", va="center")
                 continue
             ConfusionMatrixDisplay.from_predictions(
                 scored.target,
-                (scored.student > threshold).astype(int),
+                (scorers[label] > threshold).astype(int),
                 labels=[0, 1],
                 display_labels=["safe", "unsafe"],
                 ax=ax,
                 colorbar=False,
             )
-            kind = "calibrated " if ax is ax_cm_cal else ""
-            ax.set_title(f"student, {kind}threshold {threshold:.3g}")
+            ax.set_title(f"{label}, {kind} {threshold:.3g}")
         for ax, label in ((ax_hist, "student"), (ax_hist_teacher, "teacher")):
             if label not in scorers:
                 ax.axis("off")
