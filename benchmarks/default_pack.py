@@ -268,7 +268,8 @@ def run_variant(
     threshold = float(tested.model.hparams.threshold)
     quality: dict[str, dict[str, Any]] = {}
     teacher_quality: dict[str, dict[str, Any]] = {}
-    for name, (probs, target) in tested.model.test_outputs.items():
+    for name, scored in tested.model.test_outputs.items():
+        probs, target = torch.from_numpy(scored.student), torch.from_numpy(scored.target)
         quality[name] = {
             "rows": int(target.numel()),
             "positives": int(target.sum()),

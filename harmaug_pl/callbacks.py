@@ -1,4 +1,4 @@
-"""Callbacks that put what a run produced into MLflow: config, stats, plots, eval reports, the model."""
+"""Callbacks that put what a run produced into MLflow: config, augmentation stats, plots, the model."""
 
 from __future__ import annotations
 
