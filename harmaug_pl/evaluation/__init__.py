@@ -1,0 +1,1 @@
+"""Evaluation beyond the training metrics: augmentation diversity, test reports."""
