@@ -434,6 +434,7 @@ def plan_run(
         "override": yaml.safe_load(path.read_text()),
         "ckpt": ckpt,
         "budget": budget,
+        "max_steps": max_steps,  # a rerun HarmAug run that took other steps invalidates KD-only's result
     }
     return RunPlan(variant, seed, str(run_dir), cli_args, ckpt, score_teacher, max_steps, settings)
 
