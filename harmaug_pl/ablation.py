@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from harmaug_pl.callbacks import mlflow_logger
-from harmaug_pl.cli import HarmAugCLI, shipped_config
+from harmaug_pl.cli import HarmAugCLI, our_error, shipped_config
 from harmaug_pl.cli import main as cli_main
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.evaluation import diversity as diversity_lib
@@ -96,7 +97,13 @@ def layered_callbacks(configs: Sequence[str]) -> list[dict[str, Any]] | None:
     """
     callbacks: list[dict[str, Any]] | None = None
     for config in configs:
-        trainer = (yaml.safe_load(pack_path(config).read_text()) or {}).get("trainer") or {}
+        path = pack_path(config)
+        try:
+            trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}
+        except (yaml.YAMLError, AttributeError) as error:
+            raise ConfigError(
+                f"{path}: not a pack (a YAML mapping with a trainer section): {error}"
+            ) from error
         if "callbacks" in trainer:
             callbacks = list(trainer["callbacks"] or [])
         if "callbacks+" in trainer:
@@ -466,6 +473,7 @@ def run_ablation(
         raise ConfigError(f"--seeds needs distinct seeds, got {list(seeds)}")
     workdir = Path(workdir)
     runs: list[dict[str, Any]] = []
+    total = len(seeds) * len(VARIANTS)
     for index, seed in enumerate(seeds):
         steps: int | None = None
         for variant in VARIANTS:
@@ -481,7 +489,10 @@ def run_ablation(
                 score_teacher=teacher and index == 0 and variant == "harmaug",
                 override=override,
             )
-            result = (saved_result(plan) if resume else None) or runner(plan)
+            saved = saved_result(plan) if resume else None
+            action = "reusing the finished" if saved else "running"
+            print(f"ablation: {action} run {len(runs) + 1}/{total}: {variant}, seed {seed}", file=sys.stderr)
+            result = saved or runner(plan)
             runs.append(result)
             if budget == "steps":
                 steps = result["optimizer_steps"]
@@ -537,6 +548,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m harmaug_pl.ablation``: our errors print as one line and exit with status 2."""
+    try:
+        return _main(argv)
+    except Exception as error:
+        ours = our_error(error)
+        if ours is None:
+            raise
+        print(f"harmaug ablation: error: {type(ours).__name__}: {ours}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+def _main(argv: list[str] | None) -> dict[str, Any]:
     args, extra = parser().parse_known_args(argv)
     workdir = Path(args.workdir or Path("runs") / "ablation" / pack_path(args.config[-1]).stem)
     diversity = None

@@ -106,6 +106,41 @@ def test_steps_budget_gives_kd_only_the_harmaug_step_count(tmp_path: Path) -> No
         ablation.run_ablation(["cpu_tiny"], [1], tmp_path, runner=runner, budget="tokens")
 
 
+def test_command_line_passes_unknown_arguments_to_every_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    calls = []
+    monkeypatch.setattr(ablation, "run_ablation", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    monkeypatch.setattr(ablation, "markdown", lambda report: "report")
+    argv = [
+        "-c",
+        "cpu_tiny",
+        "--seeds",
+        "1",
+        "2",
+        "--trainer.max_epochs=1",
+        "--no-diversity",
+        "--budget",
+        "epochs",
+    ]
+    ablation.main(argv)
+    (configs, seeds, workdir), kwargs = calls[0]
+    assert configs == ["cpu_tiny"] and seeds == [1, 2] and workdir == Path("runs/ablation/cpu_tiny")
+    assert kwargs["extra_args"] == ["--trainer.max_epochs=1"] and kwargs["budget"] == "epochs"
+    assert kwargs["diversity"] is None and kwargs["teacher"] is True
+
+
+def test_a_missing_or_broken_pack_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main(["--config", "no_such_pack", "--workdir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no_such_pack: no such file" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml: not a pack"):
+        ablation.layered_callbacks([str(broken)])
+
+
 @pytest.mark.slow
 def test_two_seed_ablation_on_tiny_models(
     tmp_path: Path, tiny_llama: Path, tiny_student: Path, monkeypatch: pytest.MonkeyPatch
