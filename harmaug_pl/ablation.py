@@ -15,7 +15,8 @@ A seed sets ``seed_everything`` and ``data.split_seed`` (student head, dropout, 
 order). The LLM stages keep the pack's own sampling seed, so the synthetic set is the same for all
 seeds: it is built once into ``<workdir>/cache``, which every run shares; everything else of a run
 (data snapshot, checkpoints, exported student) lives in ``<workdir>/<variant>/seed<seed>``. A
-finished run leaves ``result.json`` there and is not repeated, so a killed ablation resumes.
+finished run leaves ``result.json`` there and is not repeated; a run killed before it resumes
+training from its ``checkpoints/last.ckpt`` (when the pack saves one), so a killed ablation resumes.
 
     python -m harmaug_pl.ablation --config cpu_tiny --seeds 42 43 44 [--trainer.max_epochs=2 ...]
 """
@@ -25,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,6 +63,7 @@ class RunPlan:
     ckpt: str = "best"
     score_teacher: bool = False
     max_steps: int | None = None  # set for KD-only under the ``steps`` budget
+    resume_from: str | None = None  # the last checkpoint of a run that was killed before its result
     settings: dict[str, Any] = field(default_factory=dict)  # what must match for a saved result to count
 
 
@@ -222,7 +225,8 @@ def fit_and_test(plan: RunPlan, phase: Phase = no_phase) -> RunOutcome:
     """``harmaug fit`` then ``harmaug test`` on the chosen checkpoint, in this process."""
     run_dir = Path(plan.run_dir)
     phase("fit")
-    fit = cli_main(["fit", *plan.cli_args])
+    resume = ["--ckpt_path", plan.resume_from] if plan.resume_from else []
+    fit = cli_main(["fit", *plan.cli_args, *resume])
     for callback in fit.trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
             if not Path(callback.dirpath).resolve().is_relative_to(run_dir.resolve()):
@@ -435,6 +439,7 @@ def plan_run(
     cli_args += ["--config", str(path), *extra_args]
     if max_steps is not None:  # last, so a user's --trainer.max_epochs limits HarmAug only
         cli_args += [f"--trainer.max_steps={max_steps}", "--trainer.max_epochs=-1"]
+    last = run_dir / "checkpoints" / "last.ckpt"
     settings = {
         "configs": list(configs),
         "extra_args": list(extra_args),
@@ -443,7 +448,10 @@ def plan_run(
         "budget": budget,
         "max_steps": max_steps,  # a rerun HarmAug run that took other steps invalidates KD-only's result
     }
-    return RunPlan(variant, seed, str(run_dir), cli_args, ckpt, score_teacher, max_steps, settings)
+    resume_from = str(last) if last.is_file() else None
+    return RunPlan(
+        variant, seed, str(run_dir), cli_args, ckpt, score_teacher, max_steps, resume_from, settings
+    )
 
 
 def run_ablation(
@@ -489,6 +497,9 @@ def run_ablation(
                 score_teacher=teacher and index == 0 and variant == "harmaug",
                 override=override,
             )
+            if not resume:  # start from scratch: no checkpoint of an earlier run is picked up
+                shutil.rmtree(Path(plan.run_dir) / "checkpoints", ignore_errors=True)
+                plan = replace(plan, resume_from=None)
             saved = saved_result(plan) if resume else None
             action = "reusing the finished" if saved else "running"
             print(f"ablation: {action} run {len(runs) + 1}/{total}: {variant}, seed {seed}", file=sys.stderr)
@@ -543,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-samples", type=int, default=diversity_lib.DEFAULT_MIN_SAMPLES, help="DBSCAN min_samples"
     )
-    parser.add_argument("--fresh", action="store_true", help="rerun every run even if its result.json exists")
+    parser.add_argument("--fresh", action="store_true", help="rerun every run from scratch (ignore result.json and last.ckpt)")
     return parser
 
 

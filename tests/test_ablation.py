@@ -209,3 +209,18 @@ def test_two_seed_ablation_on_tiny_models(
 
     again = ablation.run_ablation(configs, [1, 2], work, extra_args=args, runner=no_runs, diversity=None)
     assert again["summary"] == report["summary"]
+
+    # a run killed after its last checkpoint but before its result resumes from that checkpoint
+    (work / "kd_only" / "seed2" / "result.json").unlink()
+    resumed: list[ablation.RunPlan] = []
+
+    def record(plan: ablation.RunPlan) -> dict:
+        resumed.append(plan)
+        return ablation.run_in_process(plan)
+
+    again = ablation.run_ablation(configs, [1, 2], work, extra_args=args, runner=record, diversity=None)
+    assert [(p.variant, p.seed) for p in resumed] == [("kd_only", 2)]
+    assert resumed[0].resume_from == str(work / "kd_only" / "seed2" / "checkpoints" / "last.ckpt")
+    rerun = next(r for r in again["runs"] if (r["variant"], r["seed"]) == ("kd_only", 2))
+    assert rerun["optimizer_steps"] == runs[("kd_only", 2)]["optimizer_steps"]  # nothing left to train
+    assert rerun["metrics"] == runs[("kd_only", 2)]["metrics"]

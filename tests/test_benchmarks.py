@@ -228,7 +228,7 @@ def test_variant_child_process_round_trip(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(default_pack, "run_variant", fake_run_variant)
     monkeypatch.setattr(default_pack.subprocess, "run", fake_subprocess_run)
     plan = ablation.RunPlan(
-        "kd_only", 43, str(tmp_path), ["--config", "cpu_tiny"], "last", False, 17, {"a": [1]}
+        "kd_only", 43, str(tmp_path), ["--config", "cpu_tiny"], ckpt="last", max_steps=17, settings={"a": [1]}
     )
     result = default_pack.run_variant_in_child(plan)
     assert result == {"variant": "kd_only", "peak_rss_mib": 1.0}
