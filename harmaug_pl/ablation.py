@@ -554,7 +554,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--min-samples", type=int, default=diversity_lib.DEFAULT_MIN_SAMPLES, help="DBSCAN min_samples"
     )
-    parser.add_argument("--fresh", action="store_true", help="rerun every run from scratch (ignore result.json and last.ckpt)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="rerun every run from scratch (ignore result.json and last.ckpt)"
+    )
     return parser
 
 
