@@ -1,13 +1,14 @@
-"""The embedded default pack end to end: time and memory per stage, and quality vs KD-only and teacher.
+"""The embedded default pack end to end over seeds: time and memory per stage, and HarmAug vs KD-only.
 
-Runs ``harmaug fit --config cpu_tiny`` through ``harmaug_pl.cli.main`` in a fresh work dir (empty
-cache unless ``--reuse-cache``; data, checkpoints, export and MLflow all inside it, so the user's
-``mlruns/`` stays clean), then ``harmaug test`` on the chosen checkpoint. The same is repeated with
-``data.augment=false`` (the KD-only baseline: same seed, same epochs), each run in its own Python
-process. The pack's teacher scores the same held-out rows, and all three are measured with the
-module's own metric code.
+Runs :mod:`harmaug_pl.ablation` on ``cpu_tiny`` in a fresh work dir (empty cache unless
+``--reuse-cache``; data, checkpoints, export and MLflow all inside it, so the user's ``mlruns/``
+stays clean): for each seed, ``harmaug fit`` + ``harmaug test`` with augmentation on and off, the
+same seed and the same budget, each run in its own Python process so its memory peak is its own.
+The pack's teacher scores the same held-out rows. On top of the ablation's report (mean ± std over
+seeds, paired differences, teacher, instruction diversity) it records each run's time and peak
+memory per phase. The LLM stages run in the first run only; later runs read the shared cache.
 
-    python -m benchmarks.default_pack [--workdir DIR] [--reuse-cache] [--skip-baseline] [--max-epochs N]
+    python -m benchmarks.default_pack [--seeds N] [--workdir DIR] [--reuse-cache] [--max-epochs N]
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import lightning as L
 import torch
-import yaml
 
 from benchmarks.common import (
     DEFAULT_PACK,
@@ -35,22 +36,21 @@ from benchmarks.common import (
     PhaseClock,
     machine_info,
     markdown_table,
-    pack_config,
     write_results,
 )
+from harmaug_pl import ablation
 from harmaug_pl import module as module_lib
 from harmaug_pl.backends import transformers_backend
-from harmaug_pl.cli import main as cli_main
-from harmaug_pl.module import metric_collection
+from harmaug_pl.evaluation import diversity as diversity_lib
 
 NAME = "default_pack"
 MARKER = ".harmaug-benchmark-workdir"  # only a directory carrying it is ever wiped
 STAGES = ("generate", "respond", "label")
-VARIANTS = {"harmaug": True, "kd_only": False}  # run label -> data.augment
 EXAMPLE_CHARS = 160
+FIRST_SEED = 42
 REPO = Path(__file__).resolve().parent.parent
 
-# Lightning instantiates PhaseTimer from the pack YAML, so it cannot be handed the driver's clock:
+# Lightning instantiates PhaseTimer from the command line, so it cannot be handed the driver's clock:
 # both share this one, reset at the start of each run.
 CLOCK = PhaseClock()
 
@@ -77,6 +77,10 @@ class PhaseTimer(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         CLOCK.start("export (save + MLflow model)")
+
+
+# the class as the CLI must import it: ``__main__.PhaseTimer`` under ``python -m``, so it shares CLOCK
+TIMER_ARG = f"--trainer.callbacks+={PhaseTimer.__module__}.{PhaseTimer.__qualname__}"
 
 
 @contextmanager
@@ -111,21 +115,16 @@ def timed_model_loads() -> Iterator[list[dict[str, Any]]]:
 
 
 def prepare_workdir(workdir: Path, reuse_cache: bool) -> None:
-    """Start from an empty work dir, or keep only the ``*/data`` caches with ``--reuse-cache``."""
+    """Start from an empty work dir, or keep only the shared augmentation ``cache`` with ``--reuse-cache``."""
     if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
         raise SystemExit(
             f"{workdir} exists, is not empty and was not made by this benchmark; pick another --workdir"
         )
     if workdir.exists():
         for entry in workdir.iterdir():
-            if entry.name == MARKER:
+            if entry.name == MARKER or (reuse_cache and entry.name == "cache" and entry.is_dir()):
                 continue
-            if reuse_cache and entry.is_dir():
-                for inner in entry.iterdir():
-                    if inner.name != "data":
-                        _remove(inner)
-            else:
-                _remove(entry)
+            _remove(entry)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).touch()
 
@@ -137,46 +136,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def override_config(
-    pack: dict[str, Any], run_dir: Path, workdir: Path, augment: bool, max_epochs: int | None
-) -> Path:
-    """An override layered on the pack: every output path into ``run_dir``, MLflow into ``workdir``."""
-    callbacks = []
-    for entry in pack.get("trainer", {}).get("callbacks") or []:
-        entry = json.loads(json.dumps(entry))
-        if "dirpath" in entry.get("init_args", {}):
-            entry["init_args"]["dirpath"] = str(run_dir / "checkpoints")
-        callbacks.append(entry)
-    callbacks.append({"class_path": f"{PhaseTimer.__module__}.{PhaseTimer.__qualname__}"})
+def logger_override(workdir: Path) -> dict[str, Any]:
+    """Every run logs into the work dir's own MLflow store, so the user's ``mlruns/`` stays clean."""
     logger_args = {
         "experiment_name": "benchmark-default_pack",
         "tracking_uri": f"sqlite:///{(workdir / 'mlruns' / 'mlflow.db').resolve()}",
         "artifact_location": str((workdir / "mlruns" / "artifacts").resolve()),
-        "run_name": run_dir.name,
     }
-    trainer: dict[str, Any] = {
-        "default_root_dir": str(run_dir),
-        "logger": {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": logger_args},
-        "callbacks": callbacks,
+    return {
+        "trainer": {
+            "logger": {"class_path": "lightning.pytorch.loggers.MLFlowLogger", "init_args": logger_args}
+        }
     }
-    if max_epochs is not None:
-        trainer["max_epochs"] = max_epochs
-    override = {
-        "trainer": trainer,
-        "data": {"init_args": {"data_dir": str(run_dir / "data"), "augment": augment}},
-        "export": {"export_dir": str(run_dir / "student")},
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "override.yaml"
-    path.write_text(yaml.safe_dump(override, sort_keys=False))
-    return path
-
-
-def binary_metrics(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, float]:
-    """AUPRC, F1, precision, recall at ``threshold``: the DistillationModule's own metric code."""
-    metrics = metric_collection(threshold, prefix="")
-    metrics.update(probs.float(), target.long())
-    return {name: round(float(value), 4) for name, value in metrics.compute().items()}
 
 
 def stage_times(stats: dict[str, Any], loads: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -238,57 +209,35 @@ def synthetic_examples(augmented: Path, count: int = 3) -> list[dict[str, Any]]:
     return examples
 
 
-def run_variant(
-    label: str, pack_name: str, workdir: Path, max_epochs: int | None, ckpt: str
-) -> dict[str, Any]:
-    """One ``fit`` + ``test`` of the pack; returns timings, memory, stats and eval metrics.
+PHASES = {  # the ablation's phase hook -> the clock's phase name
+    "fit": "startup + augmentation (data setup)",
+    "test": "test startup (parse, load student + checkpoint, eval rows)",
+    "teacher": "teacher metrics (its eval-row scores come from data setup, cached)",
+}
 
-    The teacher is scored on the eval sets in the augmented run only (its scores do not depend on it).
-    """
-    augment = VARIANTS[label]
-    run_dir = workdir / label
-    override = override_config(pack_config(pack_name), run_dir, workdir, augment, max_epochs)
-    configs = ["--config", pack_name, "--config", str(override)]
+
+def run_variant(plan: ablation.RunPlan) -> dict[str, Any]:
+    """One ``fit`` + ``test`` of the ablation (:func:`harmaug_pl.ablation.fit_and_test`), timed per phase."""
     CLOCK.reset()
     started = time.perf_counter()
-    with timed_model_loads() as loads:
-        CLOCK.start("startup + augmentation (data setup)")
-        fit = cli_main(["fit", *configs])
-        CLOCK.stop()
-        fit_seconds = time.perf_counter() - started
-        datamodule, trainer = fit.datamodule, fit.trainer
-        timer = next(cb for cb in trainer.callbacks if isinstance(cb, PhaseTimer))
-        checkpoint = trainer.checkpoint_callback
-        ckpt_path = (checkpoint.best_model_path if ckpt == "best" else checkpoint.last_model_path) or (
-            checkpoint.last_model_path
-        )
-        CLOCK.start("test startup (parse, load student + checkpoint, eval rows)")
-        tested = cli_main(["test", *configs, "--ckpt_path", ckpt_path])
-        CLOCK.stop()
-    threshold = float(tested.model.hparams.threshold)
-    quality: dict[str, dict[str, Any]] = {}
-    teacher_quality: dict[str, dict[str, Any]] = {}
-    for name, scored in tested.model.test_outputs.items():
-        probs, target = torch.from_numpy(scored.student), torch.from_numpy(scored.target)
-        quality[name] = {
-            "rows": int(target.numel()),
-            "positives": int(target.sum()),
-            **binary_metrics(probs, target, threshold),
-        }
-        if augment:
-            CLOCK.start("teacher scoring of eval sets")
-            rows = tested.datamodule.eval_rows[name]
-            teacher = tested.datamodule.pipeline.teacher
-            scores = torch.tensor(teacher.score([r.prompt for r in rows], [r.response for r in rows]))
-            labels = torch.tensor([r.label for r in rows])
+    fit_seconds = 0.0
+
+    def phase(name: str | None) -> None:
+        nonlocal fit_seconds
+        if name == "test":
+            fit_seconds = time.perf_counter() - started
+        if name is None:
             CLOCK.stop()
-            if not torch.equal(labels, target):
-                raise SystemExit(f"eval set {name}: test outputs are not in eval-row order; cannot compare")
-            teacher_quality[name] = {"rows": len(rows), **binary_metrics(scores, labels, threshold)}
-    stats = dict(datamodule.augmentation_stats)
+        else:
+            CLOCK.start(PHASES[name])
+
+    with timed_model_loads() as loads:
+        outcome = ablation.fit_and_test(plan, phase)
+    timer = next(cb for cb in outcome.fit.trainer.callbacks if isinstance(cb, PhaseTimer))
+    result = outcome.result
+    augmented = Path(plan.run_dir) / "data" / "augmented.jsonl"
     return {
-        "label": label,
-        "augment": augment,
+        **result,
         "fit_wall_seconds": round(fit_seconds, 1),
         "total_wall_seconds": round(time.perf_counter() - started, 1),
         "phases": CLOCK.phases,
@@ -296,34 +245,26 @@ def run_variant(
         "torch_threads": torch.get_num_threads(),
         "validation_seconds": round(timer.validation_seconds, 1),
         "model_loads": loads,
-        "stages": stage_times(stats, loads),
-        "train_rows": len(datamodule.train_rows),
-        "val_rows": len(datamodule.val_rows),
-        "epochs": trainer.current_epoch,
-        "optimizer_steps": trainer.global_step,
-        "checkpoint": ckpt_path,
-        "augmentation_stats": stats,
-        "student": quality,
-        "teacher": teacher_quality,
-        "examples": synthetic_examples(run_dir / "data" / "augmented.jsonl") if augment else [],
+        "stages": stage_times(result["augmentation_stats"], loads),
+        "examples": synthetic_examples(augmented) if result["augment"] else [],
     }
 
 
-def run_variant_in_child(
-    label: str, pack_name: str, workdir: Path, max_epochs: int | None, ckpt: str
-) -> dict[str, Any]:
-    """:func:`run_variant` in a fresh ``python -m benchmarks.default_pack --variant`` process."""
-    result = workdir / label / "variant_result.json"
+def run_variant_in_child(plan: ablation.RunPlan) -> dict[str, Any]:
+    """:func:`run_variant` in a fresh ``python -m benchmarks.default_pack --variant-plan`` process."""
+    run_dir = Path(plan.run_dir)
+    plan_file, result = run_dir / "variant_plan.json", run_dir / "variant_result.json"
+    plan_file.write_text(json.dumps(asdict(plan)))
     result.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.default_pack", "--pack", pack_name]
-    command += ["--workdir", str(workdir), "--ckpt", ckpt]
-    command += ["--variant", label, "--variant-result", str(result)]
-    if max_epochs is not None:
-        command += ["--max-epochs", str(max_epochs)]
+    command = [sys.executable, "-m", "benchmarks.default_pack"]
+    command += ["--variant-plan", str(plan_file), "--variant-result", str(result)]
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     completed = subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, check=False)
     if completed.returncode != 0 or not result.is_file():
-        raise SystemExit(f"the {label} run failed (exit status {completed.returncode}); see its output above")
+        raise SystemExit(
+            f"the {plan.variant} run (seed {plan.seed}) failed (exit status {completed.returncode}); "
+            "see its output above"
+        )
     return json.loads(result.read_text())
 
 
@@ -334,60 +275,82 @@ def _rounded(score: float | None) -> float | None:
 def run(
     pack: str = DEFAULT_PACK,
     workdir: str | Path = RESULTS_DIR / "default_pack_run",
+    seeds: int = 3,
     reuse_cache: bool = False,
-    skip_baseline: bool = False,
     max_epochs: int | None = None,
+    budget: str = "steps",
     ckpt: str = "best",
     out_dir: str | Path = RESULTS_DIR,
     in_process: bool = False,
 ) -> dict[str, Any]:
-    """Both variants (HarmAug, then KD-only unless skipped), then the report.
+    """The ablation over ``seeds`` seeds (42, 43, ...), each run timed, then the report.
 
-    Each variant runs in a fresh Python process unless ``in_process``: a process keeps the memory the
-    chat LLM used, so a second run in the same process would report the first one's peak.
+    Each run is a fresh Python process unless ``in_process``: a process keeps the memory the chat
+    LLM used, so a second run in the same process would report the first one's peak.
     """
     root = Path(workdir).resolve()
     prepare_workdir(root, reuse_cache)
     started = time.perf_counter()
-    labels = ["harmaug"] if skip_baseline else list(VARIANTS)
-    if in_process:
-        runs = [run_variant(label, pack, root, max_epochs, ckpt) for label in labels]
-    else:
-        runs = [run_variant_in_child(label, pack, root, max_epochs, ckpt) for label in labels]
+    report = ablation.run_ablation(
+        [pack],
+        list(range(FIRST_SEED, FIRST_SEED + seeds)),
+        root,
+        extra_args=[TIMER_ARG, *([] if max_epochs is None else [f"--trainer.max_epochs={max_epochs}"])],
+        budget=budget,
+        ckpt=ckpt,
+        diversity={"eps": diversity_lib.DEFAULT_EPS, "min_samples": diversity_lib.DEFAULT_MIN_SAMPLES},
+        override=logger_override(root),
+        runner=run_variant if in_process else run_variant_in_child,
+        resume=False,  # a benchmark times every run
+    )
     data = {
         "benchmark": NAME,
         "pack": pack,
         "workdir": str(root),
         "reuse_cache": reuse_cache,
-        "checkpoint_choice": ckpt,
         "benchmark_wall_seconds": round(time.perf_counter() - started, 1),
         "isolated_processes": not in_process,
         "machine": machine_info(),
-        "runs": runs,
+        "ablation": {key: value for key, value in report.items() if key != "runs"},
+        "runs": report["runs"],
     }
-    write_results(NAME, data, render(data), out_dir)
+    write_results(NAME, data, render(data, ablation.markdown(report)), out_dir)
     return data
 
 
-def render(data: dict[str, Any]) -> str:
-    """The markdown report: time and memory per phase, quality side by side, stats, examples."""
-    runs = {r["label"]: r for r in data["runs"]}
-    main_run = data["runs"][0]
+def render(data: dict[str, Any], quality: str) -> str:
+    """The markdown report: the ablation's quality report, then time and memory per run and phase."""
+    runs = data["runs"]
+    first_seed = runs[0]["seed"]
+    main_run = runs[0]
     out = [
         f"## Default pack `{data['pack']}` end to end\n",
         f"{data['machine']['cpu_count']} CPUs, torch threads {data['machine']['torch_threads']}; "
         f"cache {'reused' if data['reuse_cache'] else 'empty at start'}; "
-        f"checkpoint: {data['checkpoint_choice']}; benchmark wall time {data['benchmark_wall_seconds']} s; "
-        + ("each run in its own process; " if data["isolated_processes"] else "runs share one process; ")
-        + "peak RSS "
-        + ", ".join(f"{r['label']} {r['peak_rss_mib']} MiB" for r in data["runs"])
+        f"benchmark wall time {data['benchmark_wall_seconds']} s; "
+        + ("each run in its own process." if data["isolated_processes"] else "runs share one process.")
         + "\n",
-        "### Time and peak memory per phase\n",
+        quality.replace("## HarmAug vs KD-only", "### Quality: HarmAug vs KD-only", 1),
+        "### Time and peak memory per run\n",
     ]
+    headers = ["run", "seed", "fit s", "fit + test s", "of which validation s", "peak RSS MiB"]
+    rows = [
+        [
+            r["variant"],
+            r["seed"],
+            r["fit_wall_seconds"],
+            r["total_wall_seconds"],
+            r["validation_seconds"],
+            r["peak_rss_mib"],
+        ]
+        for r in runs
+    ]
+    out += [markdown_table(headers, rows), ""]
+    out.append(f"### Time and peak memory per phase (seed {first_seed}: the HarmAug run fills the cache)\n")
     headers = ["run", "phase", "seconds", "peak RSS MiB", "rows computed", "rows/s"]
-    rows: list[list[Any]] = []
-    for run_data in data["runs"]:
-        name = run_data["label"]
+    rows = []
+    for run_data in (r for r in runs if r["seed"] == first_seed):
+        name = run_data["variant"]
         for load in run_data["model_loads"]:
             phase = f"  model load: {load['kind']} (in: {load['phase']})"
             rows.append([name, phase, load["seconds"], "", "", ""])
@@ -404,31 +367,8 @@ def render(data: dict[str, Any]) -> str:
             )
         for phase, values in run_data["phases"].items():
             rows.append([name, phase, values["seconds"], values["peak_rss_mib"], "", ""])
-        rows.append([name, "  of which validation", run_data["validation_seconds"], "", "", ""])
-        rows.append([name, "**fit command total**", run_data["fit_wall_seconds"], "", "", ""])
-        rows.append([name, "**fit + test total**", run_data["total_wall_seconds"], "", "", ""])
     out += [markdown_table(headers, rows), ""]
-    out.append("### Quality on the held-out eval set(s) (threshold 0.5; human labels)\n")
-    headers = ["eval set", "model", "rows", "AUPRC", "F1", "precision", "recall"]
-    rows = []
-    for set_name in main_run["student"]:
-        models = [
-            ("student (HarmAug)", runs["harmaug"]["student"]),
-            ("student (KD-only)", runs.get("kd_only", {}).get("student", {})),
-            ("teacher", main_run["teacher"]),
-        ]
-        for title, per_set in models:
-            if set_name in per_set:
-                m = per_set[set_name]
-                rows.append([set_name, title, m["rows"], m["auprc"], m["f1"], m["precision"], m["recall"]])
-    out += [markdown_table(headers, rows), ""]
-    out.append("### Training set\n")
-    headers = ["run", "train rows", "val rows", "epochs", "optimizer steps"]
-    rows = [
-        [r["label"], r["train_rows"], r["val_rows"], r["epochs"], r["optimizer_steps"]] for r in data["runs"]
-    ]
-    out += [markdown_table(headers, rows), ""]
-    out.append("### Augmentation statistics (HarmAug run)\n")
+    out.append(f"### Augmentation statistics (HarmAug, seed {first_seed})\n")
     out += [markdown_table(["statistic", "value"], sorted(main_run["augmentation_stats"].items())), ""]
     if main_run["examples"]:
         out.append(
@@ -449,33 +389,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pack", default=DEFAULT_PACK, help="shipped pack name or pack file")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help=f"number of seeds ({FIRST_SEED}, {FIRST_SEED + 1}, ...)"
+    )
     parser.add_argument("--workdir", default=str(RESULTS_DIR / "default_pack_run"))
     parser.add_argument(
-        "--reuse-cache", action="store_true", help="keep the augmentation caches of a previous run"
+        "--reuse-cache", action="store_true", help="keep the augmentation cache of a previous run"
     )
-    parser.add_argument("--skip-baseline", action="store_true", help="no KD-only run")
     parser.add_argument("--max-epochs", type=int, default=None, help="override the pack's trainer.max_epochs")
+    parser.add_argument(
+        "--budget", choices=ablation.BUDGETS, default="steps", help="what KD-only gets the same of as HarmAug"
+    )
     parser.add_argument(
         "--ckpt", choices=["best", "last"], default="best", help="checkpoint the test run loads"
     )
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument(
-        "--in-process", action="store_true", help="both runs in this process (their memory peaks then mix)"
+        "--in-process", action="store_true", help="every run in this process (their memory peaks then mix)"
     )
-    # internal: one variant, in the child process that run_variant_in_child starts
-    parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    # internal: one run, in the child process that run_variant_in_child starts
+    parser.add_argument("--variant-plan", help=argparse.SUPPRESS)
     parser.add_argument("--variant-result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.variant:
-        result = run_variant(args.variant, args.pack, Path(args.workdir), args.max_epochs, args.ckpt)
+    if args.variant_plan:
+        plan = ablation.RunPlan(**json.loads(Path(args.variant_plan).read_text()))
+        result = run_variant(plan)
         Path(args.variant_result).write_text(json.dumps(result, indent=2, default=str))
         return result
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     return run(
         args.pack,
         args.workdir,
+        seeds=args.seeds,
         reuse_cache=args.reuse_cache,
-        skip_baseline=args.skip_baseline,
         max_epochs=args.max_epochs,
+        budget=args.budget,
         ckpt=args.ckpt,
         out_dir=args.out_dir,
         in_process=args.in_process,

@@ -11,6 +11,7 @@ import yaml
 
 from benchmarks import default_pack, generation_throughput
 from benchmarks.common import PhaseClock, markdown_table, pack_config, write_results
+from harmaug_pl import ablation
 
 
 def placeholder_teacher(texts: list[str]) -> list[float]:
@@ -96,10 +97,10 @@ def test_workdir_is_only_wiped_when_the_benchmark_made_it(tmp_path: Path) -> Non
 
     ours = tmp_path / "ours"
     default_pack.prepare_workdir(ours, reuse_cache=False)
-    (ours / "harmaug" / "data").mkdir(parents=True)
-    (ours / "harmaug" / "checkpoints").mkdir()
+    (ours / "cache").mkdir()
+    (ours / "harmaug" / "seed42" / "checkpoints").mkdir(parents=True)
     default_pack.prepare_workdir(ours, reuse_cache=True)
-    assert sorted(p.name for p in (ours / "harmaug").iterdir()) == ["data"]
+    assert sorted(p.name for p in ours.iterdir()) == sorted([default_pack.MARKER, "cache"])
     default_pack.prepare_workdir(ours, reuse_cache=False)
     assert [p.name for p in ours.iterdir()] == [default_pack.MARKER]
 
@@ -123,7 +124,7 @@ def test_stage_times_move_the_llm_load_out_of_the_first_computing_stage() -> Non
 def test_binary_metrics_match_hand_computed_values() -> None:
     probs = torch.tensor([0.9, 0.8, 0.3, 0.6, 0.1])
     target = torch.tensor([1, 0, 1, 0, 0])
-    metrics = default_pack.binary_metrics(probs, target, 0.5)
+    metrics = ablation.binary_metrics(probs, target, 0.5)
     # predicted unsafe: rows 0, 1, 3 -> tp 1, fp 2, fn 1
     assert metrics["precision"] == pytest.approx(1 / 3, abs=1e-4)
     assert metrics["recall"] == pytest.approx(0.5, abs=1e-4)
@@ -167,10 +168,10 @@ def test_default_pack_benchmark_end_to_end_on_tiny_models(
     pack = tiny_pack(tmp_path, tiny_llama, tiny_student)
     out = tmp_path / "results"
     args = ["--pack", str(pack), "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--in-process"]
-    data = default_pack.main(args)
+    data = default_pack.main([*args, "--seeds", "1"])
 
-    runs = {r["label"]: r for r in data["runs"]}
-    assert sorted(runs) == ["harmaug", "kd_only"]
+    runs = {r["variant"]: r for r in data["runs"]}
+    assert sorted(runs) == ["harmaug", "kd_only"] and {r["seed"] for r in data["runs"]} == {42}
     harmaug, kd_only = runs["harmaug"], runs["kd_only"]
     assert harmaug["augmentation_stats"]["instructions_asked"] == 4
     assert "instructions_asked" not in kd_only["augmentation_stats"]
@@ -179,32 +180,44 @@ def test_default_pack_benchmark_end_to_end_on_tiny_models(
     assert (
         harmaug["train_rows"] + harmaug["val_rows"] == kd_only["train_rows"] + kd_only["val_rows"] + synthetic
     )
+    assert kd_only["optimizer_steps"] == harmaug["optimizer_steps"]  # the default budget: same steps
     assert [s["stage"] for s in harmaug["stages"]] == ["generate", "respond", "label"]
     # the chat LLM may already be loaded by an earlier test (backends share loaded models)
     assert "student" in {load["kind"] for load in harmaug["model_loads"]}
     assert {load["kind"] for load in harmaug["model_loads"]} <= {"chat LLM", "student"}
     assert "training (incl. validation)" in harmaug["phases"]
+    assert "teacher scoring of eval sets" in harmaug["phases"]  # the teacher is scored in the first run
+    assert "teacher scoring of eval sets" not in kd_only["phases"]
     for run in (harmaug, kd_only):
-        metrics = run["student"]["openai_moderation_heldout"]
-        assert 0.0 <= metrics["auprc"] <= 1.0 and metrics["rows"] > 0
+        metrics = run["metrics"]["openai_moderation_heldout"]
+        assert 0.0 <= metrics["auprc"] <= 1.0
         assert Path(run["checkpoint"]).is_file()
-    teacher = harmaug["teacher"]["openai_moderation_heldout"]
+    summary = data["ablation"]["summary"]["openai_moderation_heldout"]
+    assert summary["harmaug"]["auprc"]["mean"] == harmaug["metrics"]["openai_moderation_heldout"]["auprc"]
+    assert summary["harmaug"]["auprc"]["std"] is None  # one seed
+    teacher = data["ablation"]["teacher"]["openai_moderation_heldout"]
     assert teacher["f1"] == 1.0  # the placeholder teacher is exact on the placeholder rows
+    assert data["ablation"]["diversity"]["synthetic"]["instructions"] > 0
     # everything stayed in the work dir: the benchmark's own MLflow store, no ./mlruns
     assert (tmp_path / "work" / "mlruns" / "mlflow.db").is_file()
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "runs").exists()
     report = (out / "default_pack.md").read_text()
-    for row in ("student (HarmAug)", "student (KD-only)", "| openai_moderation_heldout | teacher |"):
+    for row in (
+        "student (HarmAug)",
+        "student (KD-only)",
+        "| openai_moderation_heldout | teacher |",
+        "DBSCAN",
+    ):
         assert row in report
 
 
 def test_variant_child_process_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The parent's command line parses in the child, and the child's result comes back to the parent."""
+    """The plan reaches the child intact, and the child's result comes back to the parent."""
     calls = []
 
-    def fake_run_variant(label: str, pack: str, workdir: Path, max_epochs: int | None, ckpt: str) -> dict:
-        calls.append((label, pack, workdir, max_epochs, ckpt))
-        return {"label": label, "peak_rss_mib": 1.0}
+    def fake_run_variant(plan: ablation.RunPlan) -> dict:
+        calls.append(plan)
+        return {"variant": plan.variant, "peak_rss_mib": 1.0}
 
     def fake_subprocess_run(command: list[str], env: dict[str, str], check: bool) -> object:
         assert command[1:3] == ["-m", "benchmarks.default_pack"]
@@ -214,7 +227,9 @@ def test_variant_child_process_round_trip(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(default_pack, "run_variant", fake_run_variant)
     monkeypatch.setattr(default_pack.subprocess, "run", fake_subprocess_run)
-    (tmp_path / "kd_only").mkdir()
-    result = default_pack.run_variant_in_child("kd_only", "cpu_tiny", tmp_path, 2, "last")
-    assert result == {"label": "kd_only", "peak_rss_mib": 1.0}
-    assert calls == [("kd_only", "cpu_tiny", tmp_path, 2, "last")]
+    plan = ablation.RunPlan(
+        "kd_only", 43, str(tmp_path), ["--config", "cpu_tiny"], ckpt="last", max_steps=17, settings={"a": [1]}
+    )
+    result = default_pack.run_variant_in_child(plan)
+    assert result == {"variant": "kd_only", "peak_rss_mib": 1.0}
+    assert calls == [plan]

@@ -1,1 +1,1 @@
-"""Evaluation: named eval sets, guard metrics, the report that compares student, teacher and paper."""
+"""Evaluation: named eval sets, guard metrics, the student/teacher/paper report, augmentation diversity."""
