@@ -177,6 +177,14 @@ class VLLMEngine:
         self.llm = None
 
 
+def _local_rank() -> int:
+    """This process's GPU index: Lightning sets the rank's device before ``setup`` (any launcher, SLURM
+    included); before CUDA is initialised, the launcher's ``LOCAL_RANK``."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _visible_devices(local_rank: int, tensor_parallel_size: int) -> str:
     """The GPUs this rank's engine may use: ``tensor_parallel_size`` of them, after the lower ranks'."""
     parent = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -382,9 +390,8 @@ class VLLMBackend:
             engine = _ENGINES.get(self._key)
             if engine is None:
                 if self.isolate:
-                    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
                     devices = (
-                        _visible_devices(local_rank, self.settings["tensor_parallel_size"])
+                        _visible_devices(_local_rank(), self.settings["tensor_parallel_size"])
                         if torch.cuda.is_available()
                         else None
                     )
