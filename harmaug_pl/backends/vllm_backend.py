@@ -22,6 +22,7 @@ What the engine is asked (vLLM's real API; see ``vllm.entrypoints.llm.LLM`` and 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import multiprocessing
@@ -249,7 +250,8 @@ class _Worker:
     def __init__(self, settings: dict[str, Any], devices: str | None) -> None:
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, settings, devices), daemon=True)
+        # not a daemon: vLLM starts its own engine-core process, which daemons may not do
+        self.process = context.Process(target=_worker, args=(child, settings, devices))
         self.process.start()
         child.close()
         self.model = settings["model"]
@@ -309,6 +311,13 @@ class _InProcess:
 
 
 _ENGINES: dict[str, Any] = {}
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """End workers nobody closed (an exception before ``close``): a live worker would block exit."""
+    while _ENGINES:
+        _ENGINES.popitem()[1].stop()
 
 
 class VLLMBackend:
