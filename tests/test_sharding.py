@@ -16,6 +16,7 @@ import yaml
 from harmaug_pl.augment.rank_sync import PeerRankFailed, RankSync
 from harmaug_pl.errors import ConfigError
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, keyword_teacher, write_jsonl
+from tests.test_augment import SEED, FakeBackend, FakeTeacher, make_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,35 @@ def test_healthy_ranks_pass_and_one_rank_needs_no_process_group() -> None:
         RankSync(0, 1).barrier()
     with pytest.raises(ConfigError, match="torch.distributed is not initialised"):
         RankSync(0, 2)
+
+
+def test_a_lost_ranks_rows_are_the_only_ones_recomputed(tmp_path: Path) -> None:
+    """Rank 1's teacher dies mid-labelling: both ranks stop; the re-run labels only what rank 1 lost."""
+    first = {0: FakeTeacher(), 1: FakeTeacher(fail_after_rows=7)}
+    outcome = run_ranks(
+        lambda rank, sync: make_pipeline(teacher=first[rank]).run(
+            SEED, tmp_path, rank=rank, world_size=2, barrier=sync.barrier
+        )
+    )
+    assert isinstance(outcome[1], RuntimeError) and "rank 1 failed" in str(outcome[0])
+    reference = make_pipeline().run(SEED, tmp_path / "reference")
+    written = sum(len(p.read_text().splitlines()) for p in (tmp_path / "label").glob("*.jsonl"))
+    assert 0 < written < len(reference.rows)
+
+    again = {0: FakeTeacher(), 1: FakeTeacher()}
+    backends = {0: FakeBackend(), 1: FakeBackend()}
+    results = {}
+
+    def rerun(rank: int, sync: RankSync) -> None:
+        results[rank] = make_pipeline(backends[rank], teacher=again[rank]).run(
+            SEED, tmp_path, rank=rank, world_size=2, barrier=sync.barrier
+        )
+
+    assert run_ranks(rerun) == {0: None, 1: None}
+    assert results[0].rows == results[1].rows == reference.rows
+    assert backends[0].rows == backends[1].rows == 0  # generation was complete: nothing redone
+    assert again[0].rows == 0  # rank 0 had finished its share
+    assert again[1].rows == len(reference.rows) - written
 
 
 # -- the real CLI on two gloo processes -----------------------------------------------------------
