@@ -171,3 +171,22 @@ def test_worker_process_reports_load_errors_and_exits(tiny_llama: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"needs the 'vllm' package"):
         backend.generate([PLAIN], SamplingConfig(), seed=0)
     backend.close()
+
+
+def test_engine_start_out_of_memory_names_the_backend_settings(
+    monkeypatch: pytest.MonkeyPatch, fake, tiny_llama: Path
+) -> None:
+    def no_room(model: str, **kwargs) -> None:  # vLLM's startup check, worded as vLLM words it
+        raise ValueError(
+            "Free memory on device (10.0/79.1 GiB) on startup is less than desired GPU memory "
+            "utilization (0.85, 67.2 GiB). Decrease GPU memory utilization or reduce GPU memory used "
+            "by other processes."
+        )
+
+    monkeypatch.setattr(fake, "LLM", no_room)
+    backend = in_process(tiny_llama, max_model_len=4096)
+    with pytest.raises(
+        ConfigError,
+        match=r"lower the backend's gpu_memory_utilization \(now 0.85\).*max_model_len \(now 4096\)",
+    ):
+        backend.generate([PLAIN], SamplingConfig(), seed=0)

@@ -52,15 +52,17 @@ _LAUNCHER_VARIABLES = (
     "MASTER_PORT",
     "TORCHELASTIC_RUN_ID",
 )
-_MEMORY_MARKERS = ("out of memory", "no available memory", "kv cache", "cache blocks")
+# vLLM's words for "does not fit": weights + KV cache over budget, or less free memory than asked for.
+_MEMORY_MARKERS = ("out of memory", "no available memory", "kv cache", "cache blocks", "free memory")
 
 
 def _memory_hint(error: BaseException, settings: dict[str, Any]) -> str:
     return (
-        f"vLLM ran out of GPU memory for model {settings['model']!r} ({type(error).__name__}: "
-        f"{str(error)[:300]}). Lower the backend's max_model_len (now {settings['max_model_len']}) or "
-        f"max_num_seqs (now {settings['max_num_seqs']}), or raise its gpu_memory_utilization (now "
-        f"{settings['gpu_memory_utilization']}) if nothing else uses the GPU"
+        f"vLLM could not fit model {settings['model']!r} in GPU memory ({type(error).__name__}: "
+        f"{str(error)[:300]}). If another process holds GPU memory, lower the backend's "
+        f"gpu_memory_utilization (now {settings['gpu_memory_utilization']}); if the KV cache is too "
+        f"small, lower max_model_len (now {settings['max_model_len']}) or max_num_seqs (now "
+        f"{settings['max_num_seqs']}), or raise gpu_memory_utilization"
     )
 
 
@@ -108,7 +110,11 @@ class VLLMEngine:
         except (RuntimeError, ValueError) as err:
             if any(marker in str(err).lower() for marker in _MEMORY_MARKERS):
                 raise ConfigError(_memory_hint(err, settings)) from err
-            raise ModelLoadError(f"vLLM cannot load model {settings['model']!r}: {err}") from err
+            raise ModelLoadError(
+                f"vLLM cannot load model {settings['model']!r}: {err} (vLLM's own log above names the "
+                "cause; if it is memory, lower the backend's gpu_memory_utilization when other processes "
+                "use the GPU, else its max_model_len or max_num_seqs)"
+            ) from err
 
     def _sampling(self, **kwargs: Any) -> Any:
         try:
