@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from harmaug_pl import errors
 from harmaug_pl.backends.base import Chat, SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
 from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
@@ -206,6 +207,14 @@ def _visible_devices(local_rank: int, tensor_parallel_size: int) -> str:
     return ",".join(mine)
 
 
+def _dispatch(engine: VLLMEngine, request: dict[str, Any]) -> Any:
+    if request["op"] == "generate":
+        return engine.generate(
+            request["chats"], request["sampling"], request["seeds"], request["chat_template"]
+        )
+    return engine.score(request["prompts"], request["token_ids"])
+
+
 def _worker(connection: Any, settings: dict[str, Any], devices: str | None) -> None:
     """The child process: a clean launcher-free environment, one engine, JSON requests until ``close``."""
     for name in _LAUNCHER_VARIABLES:
@@ -227,12 +236,7 @@ def _worker(connection: Any, settings: dict[str, Any], devices: str | None) -> N
             engine.close()
             return
         try:
-            if request["op"] == "generate":
-                result = engine.generate(
-                    request["chats"], request["sampling"], request["seeds"], request["chat_template"]
-                )
-            else:
-                result = engine.score(request["prompts"], request["token_ids"])
+            result = _dispatch(engine, request)
         except BaseException as err:
             if isinstance(err, torch.cuda.OutOfMemoryError):
                 err = ConfigError(_memory_hint(err, settings))
@@ -245,9 +249,6 @@ def _error(err: BaseException) -> bytes:
     kind = type(err).__name__ if isinstance(err, HarmAugError) else "HarmAugError"
     message = str(err) if isinstance(err, HarmAugError) else f"{type(err).__name__}: {err}"
     return json.dumps({"error": kind, "message": message}).encode()
-
-
-_ERRORS = {cls.__name__: cls for cls in (ConfigError, ModelLoadError, HarmAugError)}
 
 
 class _Worker:
@@ -282,7 +283,10 @@ class _Worker:
         except EOFError as err:
             raise HarmAugError(f"the vLLM worker of model {self.model!r} closed its pipe") from err
         if "error" in answer:
-            raise _ERRORS.get(answer["error"], HarmAugError)(answer["message"])
+            kind = getattr(errors, answer["error"], None)
+            if not (isinstance(kind, type) and issubclass(kind, HarmAugError)):
+                kind = HarmAugError
+            raise kind(answer["message"])
         return answer["ok"]
 
     def stop(self) -> None:
@@ -306,11 +310,7 @@ class _InProcess:
         self.users = 0
 
     def request(self, payload: dict[str, Any]) -> Any:
-        if payload["op"] == "generate":
-            return self.engine.generate(
-                payload["chats"], payload["sampling"], payload["seeds"], payload["chat_template"]
-            )
-        return self.engine.score(payload["prompts"], payload["token_ids"])
+        return _dispatch(self.engine, payload)
 
     def stop(self) -> None:
         self.engine.close()
