@@ -10,11 +10,12 @@ per generated token: the sampled token plus the ``logprob_token_ids`` asked for.
 
 Scores are real: the fake runs the tiny model with transformers and returns full-vocabulary
 log-softmax values (vLLM's default ``logprobs_mode="raw_logprobs"``). Generated text is a marker
-that names the flags and seed it was asked with, so tests can see how requests were built.
+that names the flags, the seed and the LOCAL_RANK it saw, so tests can see how requests were built.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,8 @@ def make_module(*, with_logprob_token_ids: bool = True, drop_requested: bool = F
             outputs = []
             for n, (chat, p) in enumerate(zip(messages, params)):
                 kind = "prefill" if continue_final_message else "reply"
-                text = f"<{kind} seed={p.seed} last={chat[-1]['content']}>"
+                rank = os.environ.get("LOCAL_RANK")  # what a DDP launcher would have told vLLM
+                text = f"<{kind} seed={p.seed} local_rank={rank} last={chat[-1]['content']}>"
                 outputs.append(RequestOutput(str(n), None, [], [CompletionOutput(0, text, [], None, None)]))
             return outputs
 

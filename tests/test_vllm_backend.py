@@ -190,3 +190,30 @@ def test_engine_start_out_of_memory_names_the_backend_settings(
         match=r"lower the backend's gpu_memory_utilization \(now 0.85\).*max_model_len \(now 4096\)",
     ):
         backend.generate([PLAIN], SamplingConfig(), seed=0)
+
+
+def test_isolated_worker_round_trip_with_a_clean_environment(
+    monkeypatch: pytest.MonkeyPatch, tiny_guard: Path
+) -> None:
+    """The default engine: a spawned child (here with the fake vllm) answering JSON requests."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fake_vllm_pkg"))
+    monkeypatch.setenv("LOCAL_RANK", "3")  # set by DDP launchers; the worker must not pass it to vLLM
+    reference = TransformersBackend(str(tiny_guard))
+    backend = VLLMBackend(str(tiny_guard))
+    texts = backend.generate([PREFILLED, PLAIN], SamplingConfig(max_new_tokens=4), seed=1)
+    assert texts[0].startswith("<prefill") and texts[1].startswith("<reply")
+    assert all("local_rank=None" in text for text in texts)
+
+    ids = [reference.first_token_id("unsafe"), reference.first_token_id("safe")]
+    got = backend.next_token_logprobs([PLAIN], ids, add_generation_prompt=False, suffix="\n\n")
+    expected = reference.next_token_logprobs([PLAIN], ids, add_generation_prompt=False, suffix="\n\n")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(HarmAugError, match="IndexError"):  # an engine error comes back; the worker lives on
+        backend.next_token_logprobs([PLAIN], [10**6], add_generation_prompt=False)
+    assert backend.generate([PLAIN], SamplingConfig(max_new_tokens=4), seed=1)[0].startswith("<reply")
+
+    process = backend._engine.process
+    backend.close()  # the worker exits, and with it every byte its engine held
+    assert not process.is_alive() and process.exitcode == 0
+    reference.close()
