@@ -46,20 +46,27 @@ class HarmAugTrainer(Trainer):
     ) -> None:
         """Build (or extend) the augmented training set only: generate, respond, label, cache.
 
-        Run it before ``fit`` on GPU packs so the LLMs never share memory with the student.
+        Run it before ``fit`` on GPU packs so the LLMs never share memory with the student. With
+        several devices or nodes the trainer's strategy launches the ranks as ``fit`` does (same
+        command on every node for multi-node), and the ranks split every stage between them.
         """
         if datamodule is None or not hasattr(datamodule, "build"):
             raise ConfigError("augment needs a data module with a build() method (HarmAugDataModule)")
-        if self.world_size > 1:
-            raise ConfigError(
-                "augment runs in one process; use --trainer.devices=1 --trainer.num_nodes=1 (fit reuses "
-                "the cache), or let fit build the set sharded across its ranks"
-            )
         datamodule.trainer = self
-        datamodule.build()
-        for key, value in datamodule.augmentation_stats.items():
-            print(f"{key:>40}: {value}")
-        log_augmentation_stats(self, datamodule.augmentation_stats)
+
+        def build() -> None:
+            self.strategy.setup_environment()  # this rank's device and the process group, as fit does first
+            datamodule.build()
+            if self.is_global_zero:
+                for key, value in datamodule.augmentation_stats.items():
+                    print(f"{key:>40}: {value}")
+            log_augmentation_stats(self, datamodule.augmentation_stats)
+
+        launcher = self.strategy.launcher
+        if launcher is None:
+            build()
+        else:
+            launcher.launch(build, trainer=self)
 
 
 def shipped_config(name: str) -> str | None:

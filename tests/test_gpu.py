@@ -1,17 +1,33 @@
-"""GPU paths on tiny models: the same code as the CPU tests, on CUDA. Skipped without CUDA."""
+"""GPU paths on tiny models: the same code as the CPU tests, on CUDA. Skipped without CUDA.
+
+The vLLM tests also skip when ``vllm`` is not importable (``pip install 'harmaug-pl[vllm]'``), the
+bitsandbytes ones when ``bitsandbytes`` is not. Run: ``python -m pytest -q -m gpu tests/test_gpu.py``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from harmaug_pl.backends import SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.teacher import LlamaGuardTeacher
+from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
+from tests.tiny_models import GUARD_TEMPLATE, build_tokenizer
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.gpu,
@@ -93,3 +109,142 @@ def test_student_trains_and_tests_on_cuda(tiny_student: Path, precision: str) ->
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     results = trainer.test(model, datamodule=data)[0]
     assert 0.0 <= results["placeholder/auprc"] <= 1.0
+
+
+@needs_bnb
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"load_in_8bit": True},
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"},
+    ],
+)
+def test_quantized_teacher_on_cuda_matches_bf16(tiny_guard: Path, settings: dict) -> None:
+    prompts, responses = ["tell me a mean placeholder insult", "how do I bake bread?"], [None, "Knead it."]
+    bf16 = LlamaGuardTeacher(TransformersBackend(str(tiny_guard), dtype="bfloat16", device="cuda"))
+    quantized = LlamaGuardTeacher(
+        TransformersBackend(str(tiny_guard), dtype="bfloat16", device="cuda", quantization=settings)
+    )
+    assert quantized.backend.lm.device.type == "cuda"
+    assert quantized.score(prompts, responses) == pytest.approx(bf16.score(prompts, responses), abs=0.03)
+    quantized.close()
+    bf16.close()
+
+
+def save_vllm_tiny(path: Path, chat_template: str, seed: int = 0) -> Path:
+    """A 2-layer random Llama that vLLM's kernels accept (head size 64, not the CPU tests' 8)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(chat_template)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vllm_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import CHATML_TEMPLATE
+
+    return save_vllm_tiny(tmp_path_factory.mktemp("vllm_llama"), CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def vllm_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_vllm_tiny(tmp_path_factory.mktemp("vllm_guard"), GUARD_TEMPLATE, seed=1)
+
+
+VLLM_SETTINGS = {
+    "dtype": "bfloat16",
+    "gpu_memory_utilization": 0.3,
+    "max_model_len": 1024,
+    "enforce_eager": True,
+}
+
+
+@needs_vllm
+def test_vllm_worker_generates_scores_like_transformers_and_frees_the_gpu(vllm_llama: Path) -> None:
+    from harmaug_pl.backends import VLLMBackend
+
+    free_before, total = torch.cuda.mem_get_info()
+    backend = VLLMBackend(str(vllm_llama), **VLLM_SETTINGS)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.95)
+    texts = backend.generate([CHAT, CHAT[:1]], sampling, seed=3)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert backend.generate([CHAT, CHAT[:1]], sampling, seed=3) == texts  # per-request seeds
+    free_during = torch.cuda.mem_get_info()[0]
+    assert free_before - free_during > 0.2 * total  # the worker's engine holds ~0.3 of the GPU
+
+    reference = TransformersBackend(str(vllm_llama), dtype="bfloat16", device="cuda")
+    ids = [reference.first_token_id("unsafe"), reference.first_token_id("safe")]
+    got = backend.next_token_logprobs([CHAT[:1]], ids, add_generation_prompt=True)
+    expected = reference.next_token_logprobs([CHAT[:1]], ids, add_generation_prompt=True)
+    torch.testing.assert_close(got, expected.float(), atol=5e-2, rtol=5e-2)
+    reference.close()
+
+    backend.close()  # the worker exits: its memory goes back before the student would train
+    assert torch.cuda.mem_get_info()[0] > free_before - 1.5 * 2**30
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_harmaug_augment_on_vllm_end_to_end(
+    tmp_path: Path, vllm_llama: Path, vllm_guard: Path, tiny_student: Path
+):
+    """The CLI on one GPU with every LLM on vLLM: generate, respond, label, then the engines are gone."""
+    seed = write_jsonl(
+        tmp_path / "seed.jsonl",
+        [{"prompt": p, "label": 1} for p in PLACEHOLDER_UNSAFE]
+        + [{"prompt": p, "label": 0} for p in PLACEHOLDER_SAFE],
+    )
+
+    def vllm(model: Path) -> dict:
+        return {
+            "class_path": "harmaug_pl.backends.VLLMBackend",
+            "init_args": {"model": str(model), **VLLM_SETTINGS},
+        }
+
+    pack = {
+        "trainer": {
+            "logger": False,
+            "accelerator": "gpu",
+            "devices": 1,
+            "default_root_dir": str(tmp_path / "runs"),
+        },
+        "model": {"init_args": {"student": str(tiny_student)}},
+        "data": {
+            "init_args": {
+                "data_dir": str(tmp_path / "data"),
+                "seed_data": {"path": str(seed), "hash_range": None, "label_field": "label"},
+                "eval_sets": {},
+                "generator": {
+                    "init_args": {"backend": vllm(vllm_llama), "num_instructions": 16, "batch_size": 8}
+                },
+                "responder": {"init_args": {"backend": vllm(vllm_llama), "batch_size": 8}},
+                "teacher": {
+                    "class_path": "harmaug_pl.teacher.LlamaGuardTeacher",
+                    "init_args": {"backend": vllm(vllm_guard), "batch_size": 8},
+                },
+            }
+        },
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(pack))
+    command = [sys.executable, "-m", "harmaug_pl", "augment", "--config", "cpu_tiny", "--config", "tiny.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "data" / "augmented.jsonl").read_text().splitlines()]
+    assert len(rows) > 8 and all(0.0 <= row["teacher_score"] <= 1.0 for row in rows)
+    assert any(row["source"] == "synthetic" for row in rows)

@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from harmaug_pl.backends import TransformersBackend, VLLMBackend
 from harmaug_pl.callbacks import EvalPlots, EvalReporter, StudentExport
 from harmaug_pl.cli import PACKAGE_DIR, HarmAugCLI, HarmAugTrainer, main
 from harmaug_pl.data.datamodule import HarmAugDataModule
@@ -42,11 +43,12 @@ def tiny_override(pack: dict, folder: Path, llama: Path, guard: Path, student: P
     source = {**LOCAL_SOURCE, "path": str(rows)}
     data = pack["data"]["init_args"]
     models = {"generator": llama, "responder": llama, "teacher": guard}
-    stages = {
-        stage: {"init_args": {"backend": {"init_args": {"model": str(models[stage]), "device": "cpu"}}}}
-        for stage in ("generator", "responder", "teacher")
-        if "backend" in data.get(stage, {}).get("init_args", {})
-    }
+    stages = {}
+    for stage in ("generator", "responder", "teacher"):
+        backend = data.get(stage, {}).get("init_args", {}).get("backend")
+        if backend is not None:  # a vLLM backend has no device: it is instantiated, never started
+            device = {} if backend["class_path"].endswith("VLLMBackend") else {"device": "cpu"}
+            stages[stage] = {"init_args": {"backend": {"init_args": {"model": str(models[stage]), **device}}}}
     return {
         "trainer": {
             "accelerator": "cpu",
@@ -119,7 +121,9 @@ def test_pack_instantiates_with_tiny_models(
         assert type(component).__name__ == expected_class
         if hasattr(component, "backend"):
             assert component.backend.model_id == str(tiny_guard if stage == "teacher" else tiny_llama)
-    if isinstance(dm.pipeline.teacher, LlamaGuardTeacher):  # an LLM teacher really scores on the CPU
+    teacher = dm.pipeline.teacher
+    if isinstance(teacher, LlamaGuardTeacher) and isinstance(teacher.backend, TransformersBackend):
+        # a transformers LLM teacher really scores on the CPU (4-bit too: bitsandbytes has CPU kernels)
         scores = dm.pipeline.teacher.score(["how do I bake bread?"], [None])
         assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0
         dm.pipeline.teacher.close()
@@ -149,3 +153,37 @@ def test_deberta_large_is_the_papers_recipe(instantiate) -> None:
     presets = {name: spec["preset"] for name, spec in pack["data"]["init_args"]["eval_sets"].items()}
     assert presets == dict(zip(names, names))
     assert dm.eval_sources["toxicchat"].path is not None and dm.eval_sources["toxicchat"].hf_name is None
+
+
+def test_deberta_large_runs_every_llm_on_vllm(instantiate) -> None:
+    _, cli, _ = instantiate("deberta_large", "deberta_large_vllm")
+    pipeline = cli.datamodule.pipeline
+    backends = [pipeline.generator.backend, pipeline.responder.backend, pipeline.teacher.backend]
+    assert all(isinstance(b, VLLMBackend) and b.isolate for b in backends)
+    assert [b.settings["dtype"] for b in backends] == ["bfloat16"] * 3
+    # generator and responder have identical settings, so they share one engine
+    assert backends[0]._key == backends[1]._key != backends[2]._key
+    assert backends[2].describe()["backend"] == "vllm"  # describes itself without starting an engine
+
+
+def test_consumer_24gb_teacher_is_4bit_and_the_student_fits_24gb(instantiate) -> None:
+    _, cli, _ = instantiate("consumer_24gb", "consumer_24gb_memory")
+    model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    teacher_backend = dm.pipeline.teacher.backend
+    assert isinstance(teacher_backend, TransformersBackend)
+    assert teacher_backend.quantization == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
+    assert isinstance(dm.pipeline.generator.backend, TransformersBackend)
+    assert model.hparams.gradient_checkpointing and dm.max_length == 512
+    assert dm.batch_size * trainer.accumulate_grad_batches == 256
+
+
+def test_multi_gpu_is_ddp_with_sharded_vllm(instantiate) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    _, cli, _ = instantiate("multi_gpu", "multi_gpu_ddp")
+    assert isinstance(cli.trainer.strategy, DDPStrategy)
+    assert isinstance(cli.datamodule.pipeline.teacher.backend, VLLMBackend)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
 from harmaug_pl.augment.generator import InstructionGenerator
@@ -35,6 +38,20 @@ class AugmentationResult:
 
     rows: list[GuardExample]
     stats: dict[str, float | int] = field(default_factory=dict)
+
+
+@contextmanager
+def _memory_hint(stage: str, batch_size: int) -> Iterator[None]:
+    """Turn a CUDA out-of-memory error into the pack setting to lower."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        raise ConfigError(
+            f"out of GPU memory in the {stage} stage ({str(err).splitlines()[0]}): lower "
+            f"data.init_args.{stage}.init_args.batch_size (now {batch_size}), or the backend's "
+            "max_input_tokens / the stage's sampling.max_new_tokens; finished batches are cached, so "
+            "re-running resumes"
+        ) from err
 
 
 class AugmentationPipeline:
@@ -81,6 +98,7 @@ class AugmentationPipeline:
             synthetic, groups = self._augment(
                 self.generator, seed_rows, Path(cache_dir), num_instructions, rank, world_size, barrier, stats
             )
+            self._release_chat_stages()
         seed_groups = ["seed_response" if row.response is not None else "seed_prompt" for row in seed_rows]
         rows, labelled = self._label(
             [*seed_rows, *synthetic], Path(cache_dir), "label", rank, world_size, barrier
@@ -108,7 +126,8 @@ class AugmentationPipeline:
     ) -> tuple[list[GuardExample], list[str]]:
         """Synthetic rows (unlabelled) and, parallel to them, their statistics group names."""
         requests = generator.requests(seed_rows, num_instructions)
-        generated = generator.run(requests, cache_dir, rank=rank, world_size=world_size, barrier=barrier)
+        with _memory_hint("generator", generator.batch_size):
+            generated = generator.run(requests, cache_dir, rank=rank, world_size=world_size, barrier=barrier)
         instructions, dropped = generator.clean(seed_rows, requests, generated.values)
         stats.update(generated.stats("generate"))
         stats["instructions_asked"] = len(requests)
@@ -118,9 +137,10 @@ class AugmentationPipeline:
         answers: dict[int, list[Response]] = defaultdict(list)
         if self.responder is not None:
             response_requests = self.responder.requests(instructions)
-            answered = self.responder.run(
-                response_requests, cache_dir, rank=rank, world_size=world_size, barrier=barrier
-            )
+            with _memory_hint("responder", self.responder.batch_size):
+                answered = self.responder.run(
+                    response_requests, cache_dir, rank=rank, world_size=world_size, barrier=barrier
+                )
             responses, counts = self.responder.collect(response_requests, answered.values)
             stats.update(answered.stats("respond"))
             stats.update(counts)
@@ -174,19 +194,20 @@ class AugmentationPipeline:
             content_key(stage="label", model=teacher_id, prompt=row.prompt, response=row.response)
             for row in rows
         ]
-        result = run_stage(
-            cache_dir,
-            stage,
-            rows,
-            keys,
-            self._score,
-            batch_size=self.teacher.batch_size,
-            seed=0,
-            rank=rank,
-            world_size=world_size,
-            barrier=barrier,
-            desc=f"{stage} (teacher)",
-        )
+        with _memory_hint("teacher", self.teacher.batch_size):
+            result = run_stage(
+                cache_dir,
+                stage,
+                rows,
+                keys,
+                self._score,
+                batch_size=self.teacher.batch_size,
+                seed=0,
+                rank=rank,
+                world_size=world_size,
+                barrier=barrier,
+                desc=f"{stage} (teacher)",
+            )
         scored = [replace(row, teacher_score=value["score"]) for row, value in zip(rows, result.values)]
         return scored, result
 
@@ -218,6 +239,19 @@ class AugmentationPipeline:
         if agree:
             stats["teacher_human_agreement_seed"] = round(sum(agree) / len(agree), 4)
         return stats
+
+    def _release_chat_stages(self) -> None:
+        """Free the generator and responder before the teacher loads.
+
+        On one GPU they would otherwise keep memory the teacher needs (a vLLM engine holds most of
+        the GPU). A model the teacher shares stays loaded: the teacher takes its reference first.
+        """
+        self.teacher.describe()
+        teacher_backend = getattr(self.teacher, "backend", None)
+        backends = {id(s.backend): s.backend for s in (self.generator, self.responder) if s is not None}
+        for backend in backends.values():
+            if backend is not teacher_backend:
+                backend.close()
 
     def close(self) -> None:
         """Free the generator, responder and teacher models (once each, even when shared)."""

@@ -2,5 +2,6 @@
 
 from harmaug_pl.backends.base import Chat, ChatBackend, SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
+from harmaug_pl.backends.vllm_backend import VLLMBackend  # imports vllm only when an engine starts
 
-__all__ = ["Chat", "ChatBackend", "SamplingConfig", "TransformersBackend"]
+__all__ = ["Chat", "ChatBackend", "SamplingConfig", "TransformersBackend", "VLLMBackend"]

@@ -70,6 +70,7 @@ class TransformersBackend:
         resolve_device(device)
         if max_input_tokens < 1:
             raise ConfigError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
+        _check_quantization(quantization)
         self._ref = model
         self.dtype = dtype
         self.device = device
@@ -300,6 +301,24 @@ class TransformersBackend:
         if not ids:
             raise ConfigError(f"word {word!r} encodes to no tokens with the tokenizer of model {self._ref!r}")
         return int(ids[0])
+
+
+def _check_quantization(settings: dict[str, Any] | None) -> None:
+    """Reject unknown ``BitsAndBytesConfig`` keys at config time.
+
+    ``BitsAndBytesConfig`` silently ignores them, so a typo (``load_in_4bits``) would load the full
+    model and run out of memory on the GPU the pack was written for.
+    """
+    if not settings:
+        return
+    from transformers import BitsAndBytesConfig
+
+    known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(
+            f"quantization: unknown BitsAndBytesConfig setting(s) {unknown}; known: {sorted(known)}"
+        )
 
 
 def _shows_every_message(text: str, chat: Chat) -> bool:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
+from harmaug_pl.augment.rank_sync import RankSync
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
@@ -193,25 +194,34 @@ class HarmAugDataModule(L.LightningDataModule):
         return trainer.global_rank, trainer.world_size, trainer.strategy.barrier
 
     def build(self) -> list[GuardExample]:
-        """Run the augmentation pipeline through the cache and return every teacher-labelled row."""
-        rank, world_size, barrier = self._distributed()
-        seed = load_examples(self.seed_data, origin="seed")
-        result = self.pipeline.run(
-            seed.examples,
-            self.data_dir / "cache",
-            augment=self.augment,
-            num_instructions=self.num_instructions,
-            rank=rank,
-            world_size=world_size,
-            barrier=barrier,
-        )
-        self.pipeline.close()
-        self.augmentation_stats = {
-            **{f"seed_skipped_{k}": v for k, v in seed.skipped.items()},
-            **result.stats,
-        }
-        if rank == 0:
-            self._write_snapshot(result.rows)
+        """Run the augmentation pipeline through the cache and return every teacher-labelled row.
+
+        Ranks share the work stage by stage; if one rank fails, all fail at its next barrier with
+        its message (instead of waiting for the process-group timeout). Re-running recomputes only
+        the rows the failed rank did not write. The LLMs are freed before this returns.
+        """
+        rank, world_size, _ = self._distributed()
+        sync = RankSync(rank, world_size)
+        try:
+            with sync.guard():
+                seed = load_examples(self.seed_data, origin="seed")
+                result = self.pipeline.run(
+                    seed.examples,
+                    self.data_dir / "cache",
+                    augment=self.augment,
+                    num_instructions=self.num_instructions,
+                    rank=rank,
+                    world_size=world_size,
+                    barrier=sync.barrier,
+                )
+                self.augmentation_stats = {
+                    **{f"seed_skipped_{k}": v for k, v in seed.skipped.items()},
+                    **result.stats,
+                }
+                if rank == 0:
+                    self._write_snapshot(result.rows)
+        finally:
+            self.pipeline.close()
         return result.rows
 
     def _write_snapshot(self, rows: list[GuardExample]) -> None:

@@ -1,0 +1,481 @@
+"""A :class:`ChatBackend` on vLLM (optional extra ``pip install harmaug-pl[vllm]``; needs CUDA).
+
+Why a worker process: vLLM must not run inside DDP training processes (it reads their RANK/LOCAL_RANK
+environment, starts its own process groups and pre-allocates most of the GPU for its KV cache). So the
+engine lives in a spawned child with a clean environment and only this rank's GPU visible; the parent
+sends JSON requests over a pipe. :meth:`VLLMBackend.close` ends the child, which hands every byte of
+GPU memory back before the student trains. ``isolate=False`` keeps the engine in-process (notebooks).
+
+What the engine is asked (vLLM's real API; see ``vllm.entrypoints.llm.LLM`` and ``vllm.SamplingParams``):
+
+- generation: ``LLM.chat(chats, sampling_params=[one SamplingParams per chat], add_generation_prompt=
+  False, continue_final_message=True)`` for chats ending in a prefilled assistant turn, and
+  ``add_generation_prompt=True, continue_final_message=False`` for the others; the output text
+  (``RequestOutput.outputs[0].text``) is the continuation only, stop strings excluded.
+- scoring: the chat rendered exactly as :class:`TransformersBackend` renders it (same template, same
+  ``suffix`` such as Llama Guard's ``"\\n\\n"``, same left truncation), given as token ids to
+  ``LLM.generate`` with ``SamplingParams(max_tokens=1, temperature=0, logprobs=K,
+  logprob_token_ids=ids)``. ``logprob_token_ids`` returns the log-probabilities of exactly those ids
+  (vLLM's default ``logprobs_mode="raw_logprobs"``: full-vocabulary log-softmax of the raw logits),
+  whatever their rank, so no top-k cut can lose the verdict tokens; the teacher renormalises over them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from harmaug_pl import errors
+from harmaug_pl.backends.base import Chat, SamplingConfig
+from harmaug_pl.backends.transformers_backend import TransformersBackend
+from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
+from harmaug_pl.models import resolve_dtype, resolve_model
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'harmaug-pl[vllm]'"
+# Variables a DDP launcher (Lightning, torchrun) sets; vLLM would read them as its own topology.
+_LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+# vLLM's words for "does not fit": weights + KV cache over budget, or less free memory than asked for.
+_MEMORY_MARKERS = ("out of memory", "no available memory", "kv cache", "cache blocks", "free memory")
+
+
+def _memory_hint(error: BaseException, settings: dict[str, Any]) -> str:
+    return (
+        f"vLLM could not fit model {settings['model']!r} in GPU memory ({type(error).__name__}: "
+        f"{str(error)[:300]}). If another process holds GPU memory, lower the backend's "
+        f"gpu_memory_utilization (now {settings['gpu_memory_utilization']}); if the KV cache is too "
+        f"small, lower max_model_len (now {settings['max_model_len']}) or max_num_seqs (now "
+        f"{settings['max_num_seqs']}), or raise gpu_memory_utilization"
+    )
+
+
+class VLLMEngine:
+    """The vLLM side: builds requests, runs them, parses results. Runs in the worker (or in-process)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ModelLoadError(
+                f"the vLLM backend of model {settings['model']!r} needs the 'vllm' package, which is not "
+                f"installed ({err}): {INSTALL_HINT}, or use harmaug_pl.backends.TransformersBackend"
+            ) from err
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"the vLLM backend of model {settings['model']!r} needs a CUDA GPU and none is visible; "
+                "use harmaug_pl.backends.TransformersBackend on the CPU"
+            )
+        self.vllm = vllm
+        self.settings = settings
+        path, gguf_file = resolve_model(settings["model"])
+        if gguf_file is not None:
+            raise ConfigError(
+                f"the vLLM backend takes a model directory or hub id, not the GGUF file "
+                f"{settings['model']!r}; use TransformersBackend for GGUF models"
+            )
+        options = {
+            key: settings[key]
+            for key in ("max_model_len", "max_num_seqs", "quantization")
+            if settings[key] is not None
+        }
+        try:
+            self.llm = vllm.LLM(
+                model=path,
+                dtype=settings["dtype"],
+                gpu_memory_utilization=settings["gpu_memory_utilization"],
+                tensor_parallel_size=settings["tensor_parallel_size"],
+                enforce_eager=settings["enforce_eager"],
+                trust_remote_code=settings["trust_remote_code"],
+                seed=0,
+                **options,
+                **settings["engine_args"],
+            )
+        except (RuntimeError, ValueError) as err:
+            if any(marker in str(err).lower() for marker in _MEMORY_MARKERS):
+                raise ConfigError(_memory_hint(err, settings)) from err
+            raise ModelLoadError(
+                f"vLLM cannot load model {settings['model']!r}: {err} (vLLM's own log above names the "
+                "cause; if it is memory, lower the backend's gpu_memory_utilization when other processes "
+                "use the GPU, else its max_model_len or max_num_seqs)"
+            ) from err
+
+    def _sampling(self, **kwargs: Any) -> Any:
+        try:
+            return self.vllm.SamplingParams(**kwargs)
+        except TypeError as err:  # msgspec rejects fields this vLLM does not know
+            raise ModelLoadError(
+                f"the installed vllm {getattr(self.vllm, '__version__', '?')} lacks a SamplingParams field "
+                f"this backend needs ({err}); upgrade: {INSTALL_HINT}"
+            ) from err
+
+    def generate(
+        self, chats: list[Chat], sampling: dict[str, Any], seeds: list[int], chat_template: str | None
+    ) -> list[str]:
+        """Continue every chat; chats ending with an assistant message continue that message."""
+        texts: list[str] = [""] * len(chats)
+        for prefill in (True, False):
+            picked = [i for i, chat in enumerate(chats) if (chat[-1]["role"] == "assistant") == prefill]
+            if not picked:
+                continue
+            params = [
+                self._sampling(
+                    n=1,
+                    max_tokens=sampling["max_new_tokens"],
+                    temperature=sampling["temperature"],
+                    top_p=sampling["top_p"] if sampling["temperature"] > 0 else 1.0,
+                    stop=list(sampling["stop"]) or None,
+                    seed=seeds[i],
+                )
+                for i in picked
+            ]
+            outputs = self.llm.chat(
+                [chats[i] for i in picked],
+                sampling_params=params,
+                use_tqdm=False,
+                chat_template=chat_template,
+                add_generation_prompt=not prefill,
+                continue_final_message=prefill,
+            )
+            if len(outputs) != len(picked):
+                raise HarmAugError(f"vLLM returned {len(outputs)} outputs for {len(picked)} chats")
+            for i, output in zip(picked, outputs):
+                texts[i] = output.outputs[0].text
+        return texts
+
+    def score(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
+        """Full-vocabulary log-probabilities of ``token_ids`` as the next token of each token prompt."""
+        params = self._sampling(
+            max_tokens=1, temperature=0.0, logprobs=len(token_ids), logprob_token_ids=list(token_ids)
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False
+        )
+        rows = []
+        for output in outputs:
+            step = output.outputs[0].logprobs[0]  # position 0: the one generated token
+            missing = [token for token in token_ids if token not in step]
+            if missing:
+                raise HarmAugError(
+                    f"vLLM returned no log-probability for token ids {missing} of model "
+                    f"{self.settings['model']!r}: it ignored SamplingParams.logprob_token_ids; upgrade: "
+                    f"{INSTALL_HINT}"
+                )
+            rows.append([float(step[token].logprob) for token in token_ids])
+        return rows
+
+    def close(self) -> None:
+        self.llm = None
+
+
+def _local_rank() -> int:
+    """This process's GPU index: Lightning sets the rank's device before ``setup`` (any launcher, SLURM
+    included); before CUDA is initialised, the launcher's ``LOCAL_RANK``."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _visible_devices(local_rank: int, tensor_parallel_size: int) -> str:
+    """The GPUs this rank's engine may use: ``tensor_parallel_size`` of them, after the lower ranks'."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = parent.split(",") if parent else [str(i) for i in range(torch.cuda.device_count())]
+    start = local_rank * tensor_parallel_size
+    mine = devices[start : start + tensor_parallel_size]
+    if len(mine) < tensor_parallel_size:
+        raise ConfigError(
+            f"local rank {local_rank} needs GPUs {start}..{start + tensor_parallel_size - 1} for its vLLM "
+            f"engine (tensor_parallel_size={tensor_parallel_size}) but only {len(devices)} are visible"
+        )
+    return ",".join(mine)
+
+
+def _dispatch(engine: VLLMEngine, request: dict[str, Any]) -> Any:
+    if request["op"] == "generate":
+        return engine.generate(
+            request["chats"], request["sampling"], request["seeds"], request["chat_template"]
+        )
+    return engine.score(request["prompts"], request["token_ids"])
+
+
+def _worker(connection: Any, settings: dict[str, Any], devices: str | None) -> None:
+    """The child process: a clean launcher-free environment, one engine, JSON requests until ``close``."""
+    for name in _LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        engine = VLLMEngine(settings)
+    except BaseException as err:
+        connection.send_bytes(_error(err))
+        return
+    connection.send_bytes(json.dumps({"ok": "ready"}).encode())
+    while True:
+        try:
+            request = json.loads(connection.recv_bytes())
+        except EOFError:
+            return
+        if request["op"] == "close":
+            engine.close()
+            return
+        try:
+            result = _dispatch(engine, request)
+        except BaseException as err:
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                err = ConfigError(_memory_hint(err, settings))
+            connection.send_bytes(_error(err))
+            continue
+        connection.send_bytes(json.dumps({"ok": result}).encode())
+
+
+def _error(err: BaseException) -> bytes:
+    kind = type(err).__name__ if isinstance(err, HarmAugError) else "HarmAugError"
+    message = str(err) if isinstance(err, HarmAugError) else f"{type(err).__name__}: {err}"
+    return json.dumps({"error": kind, "message": message}).encode()
+
+
+class _Worker:
+    """A spawned child owning one engine; requests block until the answer or the child's death."""
+
+    def __init__(self, settings: dict[str, Any], devices: str | None) -> None:
+        context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
+        self.connection, child = context.Pipe()
+        # not a daemon: vLLM starts its own engine-core process, which daemons may not do
+        self.process = context.Process(target=_worker, args=(child, settings, devices))
+        self.process.start()
+        child.close()
+        self.model = settings["model"]
+        self.users = 0
+        try:
+            self.request(None)  # wait for "ready" (or the load error)
+        except BaseException:
+            self.stop()
+            raise
+
+    def request(self, payload: dict[str, Any] | None) -> Any:
+        if payload is not None:
+            self.connection.send_bytes(json.dumps(payload).encode())
+        while not self.connection.poll(1.0):
+            if not self.process.is_alive():
+                raise HarmAugError(
+                    f"the vLLM worker of model {self.model!r} died (exit code {self.process.exitcode}); "
+                    "its log is above. Re-running resumes from the cache"
+                )
+        try:
+            answer = json.loads(self.connection.recv_bytes())
+        except EOFError as err:
+            raise HarmAugError(f"the vLLM worker of model {self.model!r} closed its pipe") from err
+        if "error" in answer:
+            kind = getattr(errors, answer["error"], None)
+            if not (isinstance(kind, type) and issubclass(kind, HarmAugError)):
+                kind = HarmAugError
+            raise kind(answer["message"])
+        return answer["ok"]
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.connection.send_bytes(json.dumps({"op": "close"}).encode())
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout=60)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join()
+        self.connection.close()
+
+
+class _InProcess:
+    """The same request interface with the engine in this process (``isolate=False``)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.engine = VLLMEngine(settings)
+        self.users = 0
+
+    def request(self, payload: dict[str, Any]) -> Any:
+        return _dispatch(self.engine, payload)
+
+    def stop(self) -> None:
+        self.engine.close()
+
+
+_ENGINES: dict[str, Any] = {}
+
+
+@atexit.register
+def _stop_engines() -> None:
+    """End workers nobody closed (an exception before ``close``): a live worker would block exit."""
+    while _ENGINES:
+        _ENGINES.popitem()[1].stop()
+
+
+class VLLMBackend:
+    """Continue chats and score next tokens with vLLM, one engine per (model, settings) and rank.
+
+    Args:
+        model: hub id or local directory (``pkg://`` works too).
+        dtype: ``bfloat16``, ``float16`` or ``float32``.
+        gpu_memory_utilization: share of each GPU the engine takes for weights plus KV cache.
+        max_model_len: longest prompt + output in tokens (``None``: the model's); lower it on OOM.
+        max_num_seqs: most sequences in flight at once (``None``: vLLM's default); lower it on OOM.
+        tensor_parallel_size: GPUs per engine (per rank).
+        quantization: vLLM's quantization method name (``awq``, ``fp8``, ``bitsandbytes`` ...).
+        enforce_eager: skip CUDA-graph capture (faster start, slower decoding).
+        engine_args: further ``vllm.LLM`` keyword arguments.
+        trust_remote_code, max_input_tokens, system_prompt, chat_template: as for
+            :class:`TransformersBackend`, which this backend uses for the tokenizer and chat rendering.
+        isolate: run the engine in a spawned worker process (default; required under DDP).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        max_num_seqs: int | None = None,
+        tensor_parallel_size: int = 1,
+        quantization: str | None = None,
+        enforce_eager: bool = False,
+        engine_args: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        max_input_tokens: int = 4096,
+        system_prompt: str | None = None,
+        chat_template: str | None = None,
+        isolate: bool = True,
+    ) -> None:
+        resolve_dtype(dtype)
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.templates = TransformersBackend(
+            model,
+            trust_remote_code=trust_remote_code,
+            max_input_tokens=max_input_tokens,
+            system_prompt=system_prompt,
+            chat_template=chat_template,
+        )
+        self.settings: dict[str, Any] = {
+            "model": model,
+            "dtype": dtype,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "tensor_parallel_size": tensor_parallel_size,
+            "quantization": quantization,
+            "enforce_eager": enforce_eager,
+            "engine_args": dict(engine_args or {}),
+            "trust_remote_code": trust_remote_code,
+        }
+        self.isolate = isolate
+        self._key = json.dumps([self.settings, isolate], sort_keys=True)
+        self._engine: Any = None
+
+    @property
+    def model_id(self) -> str:
+        return self.settings["model"]
+
+    def describe(self) -> dict[str, Any]:
+        """The rendering identity (template, system prompt, truncation) plus the engine's settings."""
+        engine = {
+            k: v for k, v in self.settings.items() if k not in ("gpu_memory_utilization", "max_num_seqs")
+        }
+        return {**self.templates.describe(), **engine, "backend": "vllm"}
+
+    def _acquire(self) -> Any:
+        if self._engine is None:
+            engine = _ENGINES.get(self._key)
+            if engine is None:
+                if self.isolate:
+                    devices = (
+                        _visible_devices(_local_rank(), self.settings["tensor_parallel_size"])
+                        if torch.cuda.is_available()
+                        else None
+                    )
+                    log.info("starting a vLLM worker for %r on GPU(s) %s", self.model_id, devices)
+                    engine = _Worker(self.settings, devices)
+                else:
+                    engine = _InProcess(self.settings)
+                _ENGINES[self._key] = engine
+            engine.users += 1
+            self._engine = engine
+        return self._engine
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
+        """Continue every chat (see :class:`ChatBackend`); each chat gets its own seed from ``seed``."""
+        if not chats:
+            return []
+        system = self.templates.system_prompt
+        chats = [
+            [{"role": "system", "content": system}, *chat] if system and chat[0]["role"] != "system" else chat
+            for chat in chats
+        ]
+        return self._acquire().request(
+            {
+                "op": "generate",
+                "chats": [list(chat) for chat in chats],
+                "sampling": {
+                    "max_new_tokens": sampling.max_new_tokens,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "stop": list(sampling.stop),
+                },
+                "seeds": [(seed * 1_000_003 + i) % 2**31 for i in range(len(chats))],
+                "chat_template": self.templates.chat_template,
+            }
+        )
+
+    def next_token_logprobs(
+        self,
+        chats: Sequence[Chat],
+        token_ids: Sequence[int],
+        *,
+        add_generation_prompt: bool,
+        suffix: str = "",
+    ) -> torch.Tensor:
+        """Full-vocabulary log-probabilities of ``token_ids`` as the next token: float32 ``[N, K]``."""
+        if not chats:
+            return torch.empty(0, len(token_ids))
+        texts = self.templates.render(chats, add_generation_prompt=add_generation_prompt, suffix=suffix)
+        ids = self.templates.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        limit = self.templates.max_input_tokens
+        rows = self._acquire().request(
+            {
+                "op": "score",
+                "prompts": [row[-limit:] for row in ids],
+                "token_ids": [int(t) for t in token_ids],
+            }
+        )
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def first_token_id(self, word: str) -> int:
+        return self.templates.first_token_id(word)
+
+    def close(self) -> None:
+        """Stop using the engine; the last backend sharing it ends the worker (all its GPU memory freed)."""
+        engine, self._engine = self._engine, None
+        self.templates.close()
+        if engine is None:
+            return
+        engine.users -= 1
+        if engine.users <= 0:
+            _ENGINES.pop(self._key, None)
+            engine.stop()
