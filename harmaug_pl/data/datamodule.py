@@ -40,6 +40,22 @@ class ExampleDataset(Dataset):
         return self.examples[index]
 
 
+class EpochSeededSampler(WeightedRandomSampler):
+    """Class-balanced draws whose order is a function of (seed, epoch), not of how the run got there.
+
+    Lightning calls ``set_epoch`` before every epoch, so a fit resumed from a checkpoint draws the
+    same batches as an uninterrupted fit (a generator seeded once would replay epoch 0's order).
+    """
+
+    def __init__(self, weights: list[float], seed: int) -> None:
+        super().__init__(weights, num_samples=len(weights), replacement=True, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
+
+
 class PairCollator:
     """Tokenise (prompt, response) as a text pair, prompt-only rows alone; pad to the batch's longest.
 
@@ -229,6 +245,28 @@ class HarmAugDataModule(L.LightningDataModule):
             for name, source in self.eval_sources.items():
                 self.eval_rows[name] = load_examples(source, origin="eval").examples
 
+    # -- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The random generators' states, saved in every checkpoint (Lightning does not save them).
+
+        Restored by ``load_state_dict``, a fit resumed with ``--ckpt_path`` draws the same dropout
+        masks and shuffles as an uninterrupted one. Tensors and tuples of ints only, so the
+        checkpoint still loads with ``weights_only=True``.
+        """
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict.get("rng")
+        if rng is None:  # a checkpoint written before generator states were saved
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, rows: list[GuardExample], batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
@@ -247,8 +285,7 @@ class HarmAugDataModule(L.LightningDataModule):
         hard = [int((row.teacher_score or 0.0) > self.threshold) for row in self.train_rows]
         counts = [hard.count(0), hard.count(1)]
         weights = [1.0 / counts[h] for h in hard]
-        generator = torch.Generator().manual_seed(self.split_seed)
-        sampler = WeightedRandomSampler(weights, num_samples=len(hard), replacement=True, generator=generator)
+        sampler = EpochSeededSampler(weights, self.split_seed)
         return self._loader(self.train_rows, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
