@@ -105,8 +105,15 @@ def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: 
             f"model {ref!r}: directory {path!r} holds no {' or '.join(markers)}, so it is not a saved "
             "Hugging Face model; point at the directory written by save_pretrained() or at a .gguf file"
         )
+    from safetensors import SafetensorError
+
     try:
         return loader.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise ModelLoadError(
+            f"model {ref!r}: a *.safetensors file in {path!r} is corrupt or truncated ({err}); an "
+            "interrupted download or copy leaves such files: download or save the model again"
+        ) from err
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):  # transformers lists ~150 classes here
             raise ModelLoadError(
