@@ -8,6 +8,8 @@ can be a file path or the bare name of a pack shipped in the wheel (``--config c
 from __future__ import annotations
 
 import os
+import pickle  # only for its UnpicklingError: nothing here unpickles
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from harmaug_pl.callbacks import EvalPlots, MLflowSaveConfig, StudentExport, log_augmentation_stats
-from harmaug_pl.errors import ConfigError, HarmAugError
+from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
 
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
@@ -114,10 +116,22 @@ class HarmAugCLI(LightningCLI):
 
 
 def our_error(error: BaseException) -> HarmAugError | None:
-    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise)."""
+    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise).
+
+    A checkpoint that ``weights_only=True`` refuses (it pickles more than tensors and plain values)
+    counts as ours too: refusing it is the safe-loading rule working, not a crash.
+    """
     while error is not None:
         if isinstance(error, HarmAugError):
             return error
+        if isinstance(error, pickle.UnpicklingError):
+            named = re.search(r"GLOBAL (\S+)", str(error))
+            return ModelLoadError(
+                "refused to load the checkpoint (--ckpt_path): it asks to call or build the Python "
+                f"object {named.group(1) if named else '(unnamed)'!r}, which weights_only=True loading "
+                "does not allow, so nothing in it was run. Use checkpoints written by harmaug fit; for "
+                "one you trust, add --weights_only=false"
+            )
         error = error.__cause__ or error.__context__
     return None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
 from harmaug_pl.resources import is_package_ref, resolve_package_path
@@ -105,8 +106,6 @@ def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: 
             f"model {ref!r}: directory {path!r} holds no {' or '.join(markers)}, so it is not a saved "
             "Hugging Face model; point at the directory written by save_pretrained() or at a .gguf file"
         )
-    from safetensors import SafetensorError
-
     try:
         return loader.from_pretrained(path, **kwargs)
     except SafetensorError as err:

@@ -129,3 +129,6 @@ def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_metrics_and_weights(
     assert weights.keys() == reference_weights.keys()
     for name, tensor in reference_weights.items():
         assert torch.equal(weights[name], tensor), name
+    exported = sorted(p.name for p in (tmp_path / "resumed" / "student").iterdir())
+    assert "model.safetensors" in exported  # the export is safetensors + JSON, nothing pickled
+    assert not [name for name in exported if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
