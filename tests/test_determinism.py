@@ -30,13 +30,16 @@ from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends.base import SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
 from tests.test_augment import SEED, FakeTeacher
-model, cache, seed = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+model, cache = sys.argv[1], Path(sys.argv[2])
 backend = TransformersBackend(model)
-generator = InstructionGenerator(backend, num_instructions=4, batch_size=2, min_words=1, seed=seed,
-                                 sampling=SamplingConfig(max_new_tokens=8))
-responder = Responder(backend, sampling=SamplingConfig(max_new_tokens=6), batch_size=4, seed=seed)
-result = AugmentationPipeline(generator, responder, FakeTeacher()).run(SEED, cache)
-print(json.dumps([row.to_dict() for row in result.rows if row.source == "synthetic"]))
+synthetic = {}
+for seed in sys.argv[3:]:
+    generator = InstructionGenerator(backend, num_instructions=4, batch_size=2, min_words=1, seed=int(seed),
+                                     sampling=SamplingConfig(max_new_tokens=8))
+    responder = Responder(backend, sampling=SamplingConfig(max_new_tokens=6), batch_size=4, seed=int(seed))
+    result = AugmentationPipeline(generator, responder, FakeTeacher()).run(SEED, cache / seed)
+    synthetic[seed] = [row.to_dict() for row in result.rows if row.source == "synthetic"]
+print(json.dumps(synthetic))
 """
 
 
@@ -49,17 +52,15 @@ def run(args: list[str], hash_seed: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+@pytest.mark.slow
 def test_two_processes_generate_the_same_synthetic_rows(tiny_llama: Path, tmp_path: Path) -> None:
-    rows = [
-        json.loads(run(["-c", _AUGMENT, str(tiny_llama), str(tmp_path / name), seed], hash_seed).stdout)
-        for name, seed, hash_seed in [("a", "7", "1"), ("b", "7", "2"), ("c", "8", "1")]
-    ]
-    assert rows[0] and rows[0] == rows[1]  # fresh caches, different hash seeds, same rows
-    assert rows[2] != rows[0]  # the seed is what decides: another seed samples other rows
-    assert {row["provenance"]["instruction"]["seed"] for row in rows[0]}  # every row records its seed
-    assert (tmp_path / "a" / "generate" / "rank0.jsonl").read_bytes() == (
-        tmp_path / "b" / "generate" / "rank0.jsonl"
-    ).read_bytes()
+    first = json.loads(run(["-c", _AUGMENT, str(tiny_llama), str(tmp_path / "a"), "7"], "1").stdout)
+    second = json.loads(run(["-c", _AUGMENT, str(tiny_llama), str(tmp_path / "b"), "7", "8"], "2").stdout)
+    assert first["7"] and first["7"] == second["7"]  # fresh caches, different hash seeds, same rows
+    assert second["8"] != first["7"]  # the seed is what decides: another seed samples other rows
+    assert all(row["provenance"]["instruction"]["seed"] is not None for row in first["7"])  # logged per row
+    cache_file = Path("7") / "generate" / "rank0.jsonl"
+    assert (tmp_path / "a" / cache_file).read_bytes() == (tmp_path / "b" / cache_file).read_bytes()
 
 
 @pytest.mark.slow
