@@ -15,12 +15,16 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from harmaug_pl.augment.pipeline import AugmentationResult
+from harmaug_pl.data.datamodule import HarmAugDataModule
+from harmaug_pl.data.loaders import DataSource
+from harmaug_pl.data.schema import GuardExample
 from tests.test_augment import ROOT, SEED, FakeBackend, FakeTeacher, make_pipeline
 
 STAGES = ("generate", "respond", "label")
@@ -138,3 +142,30 @@ def test_two_runs_sharing_one_cache_dir_both_get_the_right_rows(
             json.loads(line)["key"]: json.loads(line)["value"] for line in records(ref_cache, stage)
         }
         assert values == reference_records, stage
+
+
+def test_two_runs_writing_the_set_snapshot_at_once_neither_fails(tmp_path: Path) -> None:
+    """Both runs of a shared data_dir end by writing augmented.jsonl; neither may crash or leave half."""
+    module = HarmAugDataModule(
+        tokenizer="unused", seed_data=DataSource(path="unused.jsonl"), teacher=FakeTeacher(), augment=False,
+        data_dir=str(tmp_path),
+    )  # fmt: skip
+    rows = [GuardExample(prompt=f"placeholder {i} " * 20) for i in range(2000)]
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        for _ in range(5):
+            try:
+                module._write_snapshot(rows)
+            except BaseException as err:  # collected for the assertion below
+                errors.append(err)
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    written = (tmp_path / "augmented.jsonl").read_text().splitlines()
+    assert [GuardExample.from_dict(json.loads(line)) for line in written] == rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["augmented.jsonl", "stats.json"]  # no temp left

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +111,22 @@ def stratified_group_split(
     train = [r for r in rows if r.prompt not in val_prompts]
     val = [r for r in rows if r.prompt in val_prompts]
     return train, val
+
+
+def replace_atomically(path: Path, chunks: Iterable[str]) -> None:
+    """Write ``chunks`` to a temporary file of this writer's own, then rename it over ``path``.
+
+    Readers never see a half-written file, and two runs sharing a data directory cannot truncate or
+    rename each other's temporary file (one fixed temporary name made the second run crash).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(chunks)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class HarmAugDataModule(L.LightningDataModule):
@@ -227,12 +246,11 @@ class HarmAugDataModule(L.LightningDataModule):
     def _write_snapshot(self, rows: list[GuardExample]) -> None:
         """The assembled set and its statistics, for people to read (the cache is the source of truth)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.data_dir / "augmented.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
-        tmp.replace(self.data_dir / "augmented.jsonl")
-        (self.data_dir / "stats.json").write_text(json.dumps(self.augmentation_stats, indent=2))
+        replace_atomically(
+            self.data_dir / "augmented.jsonl",
+            (json.dumps(row.to_dict(), ensure_ascii=False) + "\n" for row in rows),
+        )
+        replace_atomically(self.data_dir / "stats.json", [json.dumps(self.augmentation_stats, indent=2)])
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and not self.train_rows:
