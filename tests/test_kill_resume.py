@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harmaug_pl.augment.pipeline import AugmentationResult
 from harmaug_pl.data.datamodule import HarmAugDataModule
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.data.schema import GuardExample
+from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 from tests.test_augment import ROOT, SEED, FakeBackend, FakeTeacher, make_pipeline
 
 STAGES = ("generate", "respond", "label")
@@ -33,6 +35,7 @@ BATCH_SIZES = {"generate": 4, "respond": 3, "label": 5}  # those of make_pipelin
 _RUN = """
 import json, sys
 from pathlib import Path
+from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 from tests.test_augment import SEED, FakeBackend, FakeTeacher, make_pipeline
 delay = float(sys.argv[2])
 result = make_pipeline(FakeBackend(delay=delay), FakeBackend("fake-responder", delay=delay),
@@ -169,3 +172,70 @@ def test_two_runs_writing_the_set_snapshot_at_once_neither_fails(tmp_path: Path)
     written = (tmp_path / "augmented.jsonl").read_text().splitlines()
     assert [GuardExample.from_dict(json.loads(line)) for line in written] == rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["augmented.jsonl", "stats.json"]  # no temp left
+
+
+def augment_pack(workdir: Path, llm: Path, seed: Path) -> Path:
+    """``harmaug augment`` with the tiny random LLM as generator and responder, keyword teacher."""
+    backend = {"class_path": "harmaug_pl.backends.TransformersBackend", "init_args": {"model": str(llm)}}
+    sampling = {"max_new_tokens": 12}
+    pack = {
+        "trainer": {"logger": False},
+        "data": {
+            "init_args": {
+                "data_dir": str(workdir / "data"),
+                "seed_data": {"path": str(seed), "label_field": "label", "hash_range": None},
+                "generator": {
+                    "init_args": {"backend": backend, "num_instructions": 48, "batch_size": 2, "min_words": 1,
+                                  "sampling": sampling}
+                },
+                "responder": {"init_args": {"backend": backend, "batch_size": 2, "sampling": sampling}},
+                "teacher": {"class_path": "harmaug_pl.teacher.CallableTeacher",
+                            "init_args": {"function": "tests.helpers:keyword_teacher"}},
+            }
+        },
+    }  # fmt: skip
+    path = workdir / "augment.yaml"
+    path.write_text(yaml.safe_dump(pack))
+    return path
+
+
+@pytest.mark.slow
+def test_harmaug_augment_killed_in_generate_resumes_to_the_same_set(tiny_llama: Path, tmp_path: Path) -> None:
+    """The real CLI and the real transformers backend: sampling after a resume equals an uninterrupted run."""
+    seed = write_jsonl(
+        tmp_path / "seed.jsonl",
+        [{"prompt": p, "label": 1} for p in PLACEHOLDER_UNSAFE]
+        + [{"prompt": p, "label": 0} for p in PLACEHOLDER_SAFE],
+    )
+    runs = {}
+    for name in ("reference", "resumed"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        runs[name] = (workdir, augment_pack(workdir, tiny_llama, seed))
+    command = [sys.executable, "-m", "harmaug_pl", "augment", "--config", "cpu_tiny", "--config"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    workdir, pack = runs["reference"]
+    finished = subprocess.run([*command, str(pack)], cwd=workdir, env=env, capture_output=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+
+    workdir, pack = runs["resumed"]
+    proc = subprocess.Popen([*command, str(pack)], cwd=workdir, env=env, stderr=subprocess.PIPE)
+    cache = workdir / "data" / "cache"
+    kill_after = random.randrange(2, 40)
+    deadline = time.monotonic() + 240
+    while len(records(cache, "generate")) < kill_after:
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(records(cache, "generate"))
+    assert done < 48, f"killed after {done} records: too late"
+    finished = subprocess.run([*command, str(pack)], cwd=workdir, env=env, capture_output=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+
+    reference_dir, resumed_dir = runs["reference"][0] / "data", workdir / "data"
+    assert (resumed_dir / "augmented.jsonl").read_bytes() == (reference_dir / "augmented.jsonl").read_bytes()
+    stats = json.loads((resumed_dir / "stats.json").read_text())
+    assert stats["computed_generate"] == 48 - done and stats["cached_generate"] == done
