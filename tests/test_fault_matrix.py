@@ -12,6 +12,7 @@ template (``tests/test_backends.py``); verdict words sharing a first token (``te
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
 from harmaug_pl.models import load_causal_lm, load_sequence_classifier
 from harmaug_pl.teacher import LlamaGuardTeacher
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
-from tests.test_augment import FakeBackend
+from tests.test_augment import SEED, FakeBackend, make_pipeline
 
 GOOD = b'{"prompt": "placeholder fine", "label": 0}\n'
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -244,3 +245,32 @@ def test_corrupt_student_through_the_cli_is_one_line(
     assert info.value.code == 2 and "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("harmaug: error:")]
     assert line.startswith("harmaug: error: ModelLoadError: ") and "corrupt or truncated" in line
+
+
+# -- cache records that parse but do not hold what their stage writes ---------------------------------
+@pytest.mark.parametrize(
+    ("stage", "value"),
+    [
+        ("generate", {"txt": "placeholder"}),
+        ("generate", {"text": 5, "seed": 1}),
+        ("respond", {"text": "placeholder", "seed": "1"}),
+        ("label", {"score": "high"}),
+        ("label", {"score": 1.5}),
+        ("label", {}),
+    ],
+)
+def test_cache_record_of_the_wrong_shape_is_recomputed(
+    stage: str, value: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reference = make_pipeline().run(SEED, tmp_path)
+    path = tmp_path / stage / "rank0.jsonl"
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    lines[1] = json.dumps({"key": record["key"], "value": value})
+    path.write_text("\n".join(lines) + "\n")
+
+    with caplog.at_level(logging.WARNING, logger="harmaug_pl.augment.cache"):
+        resumed = make_pipeline().run(SEED, tmp_path)
+    assert resumed.rows == reference.rows
+    assert resumed.stats[f"cache_skipped_lines_{stage}"] == 1 and resumed.stats[f"computed_{stage}"] == 1
+    assert any("corrupt line" in r.message and str(path) in r.message for r in caplog.records)
