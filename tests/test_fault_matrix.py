@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.backends import TransformersBackend
@@ -274,3 +276,36 @@ def test_cache_record_of_the_wrong_shape_is_recomputed(
     assert resumed.rows == reference.rows
     assert resumed.stats[f"cache_skipped_lines_{stage}"] == 1 and resumed.stats[f"computed_{stage}"] == 1
     assert any("corrupt line" in r.message and str(path) in r.message for r in caplog.records)
+
+
+# -- checkpoints given with --ckpt_path ---------------------------------------------------------------
+def _lightning_checkpoint(path: Path) -> bytes:
+    torch.save({"pytorch-lightning_version": "2", "state_dict": {"w": torch.zeros(256)}}, path)
+    return path.read_bytes()
+
+
+CHECKPOINTS = {
+    "missing": (None, r"no such file"),
+    "empty": (lambda data: b"", r"not a complete checkpoint \(0 bytes, truncated or corrupt"),
+    "cut_by_a_kill": (lambda data: data[: len(data) // 2], r"not a complete checkpoint \(\d+ bytes"),
+    "not_lightning": ("plain", r"a torch file but not a Lightning checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_bad_checkpoint_is_one_line_naming_it(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    damage, message = CHECKPOINTS[case]
+    path = tmp_path / f"{case}.ckpt"
+    if damage == "plain":
+        torch.save({"state_dict": {}}, path)
+    elif damage is not None:
+        path.write_bytes(damage(_lightning_checkpoint(path)))
+    with pytest.raises(SystemExit) as info:
+        main(["test", "--config", "cpu_tiny", "--trainer.logger=false", "--ckpt_path", str(path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("harmaug: error:")]
+    assert re.search(rf"ModelLoadError: --ckpt_path {re.escape(str(path))}: {message}", line), line
