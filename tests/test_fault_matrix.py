@@ -235,6 +235,17 @@ def test_empty_verdict_word_is_a_config_error(tiny_guard: Path) -> None:
     teacher.close()
 
 
+def test_multi_token_verdict_words_are_scored_by_their_first_token(tiny_guard: Path) -> None:
+    """The documented rule (``_TwoWordTeacher``): only a word's first token counts."""
+    backend = TransformersBackend(str(tiny_guard))
+    long_word = "unsafe placeholder words"
+    assert len(backend.tokenizer.encode(long_word, add_special_tokens=False)) > 1
+    single = LlamaGuardTeacher(backend, unsafe_word="unsafe", safe_word="safe").score(["placeholder"], [None])
+    multi = LlamaGuardTeacher(backend, unsafe_word=long_word, safe_word="safe").score(["placeholder"], [None])
+    assert multi == single
+    backend.close()
+
+
 def test_corrupt_student_through_the_cli_is_one_line(
     tiny_student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
