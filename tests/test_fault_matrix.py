@@ -1,4 +1,5 @@
-"""The bad-input rows of the fault matrix that other test files do not already cover.
+"""The bad-input rows of the fault matrix that other test files do not already cover: data files,
+models, verdict words, ``--ckpt_path`` checkpoints and cache records of the wrong shape.
 
 Every fault must end in one of our errors naming the file, line/row and field (or the setting), or
 in a documented, counted skip or warning; never in a traceback from inside a library. Covered

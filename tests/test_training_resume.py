@@ -110,7 +110,7 @@ def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_metrics_and_weights(
 ) -> None:
     reference_metrics, reference_weights = fit(training_pack(tmp_path, tiny_student, "reference"))
 
-    batch = random.Random().randrange(4)  # 18 train rows / 4 per batch = 5 batches per epoch
+    batch = random.Random().randrange(7)  # 27 train rows (36 minus 9 val) / 4 per batch = 7 batches
     killed = training_pack(tmp_path, tiny_student, "resumed", kill_at=(1, batch))
     proc = subprocess.run(
         [sys.executable, "-m", "harmaug_pl", "fit", "--config", str(killed)],
