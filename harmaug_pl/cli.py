@@ -8,10 +8,14 @@ can be a file path or the bare name of a pack shipped in the wheel (``--config c
 from __future__ import annotations
 
 import os
+import pickle  # only for its UnpicklingError: nothing here unpickles
+import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,10 +27,11 @@ from harmaug_pl.callbacks import (
     StudentExport,
     log_augmentation_stats,
 )
-from harmaug_pl.errors import ConfigError, HarmAugError
+from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
 
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
+CKPT_PATH_KEYWORDS = frozenset({"best", "last", "hpc", "registry"})
 
 MLFLOW_DEFAULT = {
     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
@@ -105,6 +110,32 @@ def shipped_names() -> list[str]:
     return sorted(path.stem for folder in SHIPPED_CONFIG_DIRS for path in folder.glob("*.yaml"))
 
 
+def check_checkpoint(ckpt_path: str) -> None:
+    """Name a missing or cut-off ``--ckpt_path`` file before torch fails on it with a zip-reader error.
+
+    A run killed while Lightning writes a checkpoint leaves a truncated file: resume from the one
+    before it. Lightning's keywords (``last``, ``best``, ...) and remote URLs are left to Lightning.
+    """
+    if ckpt_path in CKPT_PATH_KEYWORDS or "://" in ckpt_path or ckpt_path.startswith("registry"):
+        return
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"--ckpt_path {ckpt_path}: no such file (looked at {path.resolve()})")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(
+            f"--ckpt_path {ckpt_path}: not a complete checkpoint ({path.stat().st_size} bytes, truncated or "
+            "corrupt: a run killed while writing it leaves such a file); resume from an earlier checkpoint"
+        )
+    # mmap: tensors stay on disk, so a multi-GB checkpoint costs nothing to look into
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise ModelLoadError(
+            f"--ckpt_path {ckpt_path}: a torch file but not a Lightning checkpoint (written by "
+            "ModelCheckpoint during harmaug fit); the exported student folder is loaded with "
+            "--model.init_args.student instead"
+        )
+
+
 class HarmAugCLI(LightningCLI):
     """LightningCLI with the HarmAug defaults: MLflow, student export, plots, ``augment``."""
 
@@ -114,6 +145,14 @@ class HarmAugCLI(LightningCLI):
         if "weights_only" in kwargs and kwargs["weights_only"] is None:
             kwargs["weights_only"] = True
         return kwargs
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before LightningCLI reads the hyperparameters saved in it."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path:
+            check_checkpoint(str(ckpt_path))
+        super()._parse_ckpt_path()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -128,10 +167,21 @@ class HarmAugCLI(LightningCLI):
 
 
 def our_error(error: BaseException) -> HarmAugError | None:
-    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise)."""
+    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise).
+
+    A checkpoint that ``weights_only=True`` refuses (it pickles more than tensors and plain values)
+    counts as ours too: refusing it is the safe-loading rule working, not a crash.
+    """
     while error is not None:
         if isinstance(error, HarmAugError):
             return error
+        if isinstance(error, pickle.UnpicklingError):
+            named = re.search(r"GLOBAL (\S+)", str(error))
+            return ModelLoadError(
+                "refused to load the checkpoint (--ckpt_path): it asks to call or build the Python "
+                f"object {named.group(1) if named else '(unnamed)'!r}, which weights_only=True loading "
+                "does not allow, so nothing in it was run. Use checkpoints written by harmaug fit"
+            )
         error = error.__cause__ or error.__context__
     return None
 

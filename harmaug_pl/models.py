@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
 from harmaug_pl.resources import is_package_ref, resolve_package_path
@@ -107,6 +108,11 @@ def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: 
         )
     try:
         return loader.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise ModelLoadError(
+            f"model {ref!r}: a *.safetensors file in {path!r} is corrupt or truncated ({err}); an "
+            "interrupted download or copy leaves such files: download or save the model again"
+        ) from err
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):  # transformers lists ~150 classes here
             raise ModelLoadError(

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Compute = Callable[[list[T], int], list[dict[str, Any]]]
+Check = Callable[[dict[str, Any]], bool]
 
 _STAGE_RE = re.compile(r"[a-z0-9_]+")
 _KEY_RE = re.compile(r"[0-9a-f]{64}")
@@ -73,9 +74,13 @@ def validate_stage(stage: str) -> str:
 
 
 class StageStore:
-    """The records of one stage: reads every writer's file, appends to this rank's own file."""
+    """The records of one stage: reads every writer's file, appends to this rank's own file.
 
-    def __init__(self, cache_dir: str | Path, stage: str, rank: int = 0) -> None:
+    ``valid`` checks a record's value (the stage's schema): a record that is valid JSON but fails it
+    (hand-edited, written by another version, bit rot) counts as a corrupt line and gets recomputed.
+    """
+
+    def __init__(self, cache_dir: str | Path, stage: str, rank: int = 0, valid: Check | None = None) -> None:
         if rank < 0:
             raise ConfigError(f"rank must be >= 0, got {rank}")
         self.stage = validate_stage(stage)
@@ -85,6 +90,7 @@ class StageStore:
         self._offsets: dict[Path, int] = {}
         self._reported_tails: set[tuple[Path, int]] = set()
         self.skipped_lines = 0
+        self._valid = valid
 
     def __contains__(self, key: str) -> bool:
         return key in self._values
@@ -116,7 +122,7 @@ class StageStore:
         bad_lines: list[int] = []
         for number, line in enumerate(data[:complete].splitlines(), start=1):
             record = _parse(line)
-            if record is None:
+            if record is None or (self._valid is not None and not self._valid(record[1])):
                 bad_lines.append(number)
             else:
                 self._values.setdefault(record[0], record[1])
@@ -238,6 +244,7 @@ def run_stage(
     world_size: int = 1,
     barrier: Callable[[], None] = no_op,
     desc: str | None = None,
+    valid: Check | None = None,
 ) -> StageResult:
     """Compute the values of ``items`` through the cache, sharded across ranks, and return all of them.
 
@@ -245,7 +252,7 @@ def run_stage(
     chunks with ``j % world_size == r``. A fully cached chunk is skipped; otherwise the whole chunk is
     recomputed with a seed derived from its keys (so batch composition and sampling match an
     uninterrupted run) and only its missing rows are appended. After ``barrier()`` every rank reads
-    the merged store and gets the values of all items.
+    the merged store and gets the values of all items. ``valid``: see :class:`StageStore`.
     """
     if len(items) != len(keys):
         raise ValueError(f"stage {stage}: {len(items)} items but {len(keys)} keys")
@@ -253,7 +260,7 @@ def run_stage(
         raise ConfigError(f"stage {stage}: batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ConfigError(f"stage {stage}: rank {rank} is outside world_size {world_size}")
-    store = StageStore(cache_dir, stage, rank)
+    store = StageStore(cache_dir, stage, rank, valid)
     store.refresh()
     chunks = [range(j, min(j + batch_size, len(items))) for j in range(0, len(items), batch_size)]
     mine = chunks[rank::world_size]

@@ -21,6 +21,11 @@ class ChatRequest:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def is_sample(value: dict[str, Any]) -> bool:
+    """A cached sample is its text and the seed it was sampled with."""
+    return isinstance(value.get("text"), str) and isinstance(value.get("seed"), int)
+
+
 class ChatStage:
     """A cached, sharded ``backend.generate`` over chat requests; subclasses build the chats."""
 
@@ -89,6 +94,7 @@ class ChatStage:
             world_size=world_size,
             barrier=barrier,
             desc=self.stage,
+            valid=is_sample,
         )
 
     def close(self) -> None:

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 Barrier = Callable[[], None]
 
 
+def is_probability(score: Any) -> bool:
+    """What a teacher must return, and what a cached label record must hold, for a row's P(unsafe)."""
+    return isinstance(score, (int, float)) and math.isfinite(score) and 0.0 <= score <= 1.0
+
+
 @dataclass
 class AugmentationResult:
     """Seed rows then synthetic rows (instruction, + each response kind), all teacher-scored."""
@@ -207,6 +212,7 @@ class AugmentationPipeline:
                 world_size=world_size,
                 barrier=barrier,
                 desc=f"{stage} (teacher)",
+                valid=lambda value: is_probability(value.get("score")),
             )
         scored = [replace(row, teacher_score=value["score"]) for row, value in zip(rows, result.values)]
         return scored, result
@@ -216,7 +222,7 @@ class AugmentationPipeline:
         scores = self.teacher.score([row.prompt for row in rows], [row.response for row in rows])
         values = []
         for row, score in zip(rows, scores):
-            if not isinstance(score, (int, float)) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+            if not is_probability(score):
                 raise HarmAugError(
                     f"the teacher returned P(unsafe)={score!r} for the prompt {row.prompt[:80]!r}"
                 )

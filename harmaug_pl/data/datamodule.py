@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,22 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> GuardExample:
         return self.examples[index]
+
+
+class EpochSeededSampler(WeightedRandomSampler):
+    """Class-balanced draws whose order is a function of (seed, epoch), not of how the run got there.
+
+    Lightning calls ``set_epoch`` before every epoch, so a fit resumed from a checkpoint draws the
+    same batches as an uninterrupted fit (a generator seeded once would replay epoch 0's order).
+    """
+
+    def __init__(self, weights: list[float], seed: int) -> None:
+        super().__init__(weights, num_samples=len(weights), replacement=True, generator=torch.Generator())
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + epoch)
 
 
 class PairCollator:
@@ -93,6 +112,22 @@ def stratified_group_split(
     train = [r for r in rows if r.prompt not in val_prompts]
     val = [r for r in rows if r.prompt in val_prompts]
     return train, val
+
+
+def replace_atomically(path: Path, chunks: Iterable[str]) -> None:
+    """Write ``chunks`` to a temporary file of this writer's own, then rename it over ``path``.
+
+    Readers never see a half-written file, and two runs sharing a data directory cannot truncate or
+    rename each other's temporary file (one fixed temporary name made the second run crash).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(chunks)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class HarmAugDataModule(L.LightningDataModule):
@@ -227,12 +262,11 @@ class HarmAugDataModule(L.LightningDataModule):
     def _write_snapshot(self, rows: list[GuardExample]) -> None:
         """The assembled set and its statistics, for people to read (the cache is the source of truth)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.data_dir / "augmented.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
-        tmp.replace(self.data_dir / "augmented.jsonl")
-        (self.data_dir / "stats.json").write_text(json.dumps(self.augmentation_stats, indent=2))
+        replace_atomically(
+            self.data_dir / "augmented.jsonl",
+            (json.dumps(row.to_dict(), ensure_ascii=False) + "\n" for row in rows),
+        )
+        replace_atomically(self.data_dir / "stats.json", [json.dumps(self.augmentation_stats, indent=2)])
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and not self.train_rows:
@@ -269,6 +303,28 @@ class HarmAugDataModule(L.LightningDataModule):
             sets[name], start = scored[start : start + len(rows)], start + len(rows)
         return sets
 
+    # -- resuming ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The random generators' states, saved in every checkpoint (Lightning does not save them).
+
+        Restored by ``load_state_dict``, a fit resumed with ``--ckpt_path`` draws the same dropout
+        masks and shuffles as an uninterrupted one. Tensors and tuples of ints only, so the
+        checkpoint still loads with ``weights_only=True``.
+        """
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return {"rng": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rng = state_dict.get("rng")
+        if rng is None:  # a checkpoint written before generator states were saved
+            return
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, rows: list[GuardExample], batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(
@@ -287,8 +343,7 @@ class HarmAugDataModule(L.LightningDataModule):
         hard = [int((row.teacher_score or 0.0) > self.threshold) for row in self.train_rows]
         counts = [hard.count(0), hard.count(1)]
         weights = [1.0 / counts[h] for h in hard]
-        generator = torch.Generator().manual_seed(self.split_seed)
-        sampler = WeightedRandomSampler(weights, num_samples=len(hard), replacement=True, generator=generator)
+        sampler = EpochSeededSampler(weights, self.split_seed)
         return self._loader(self.train_rows, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -298,9 +298,32 @@ def load_examples(source: DataSource, *, origin: Literal["seed", "eval"] = "seed
     if source.hash_range is not None:
         lo, hi = source.hash_range
         examples = [ex for ex in examples if lo <= prompt_hash_fraction(ex.prompt) < hi]
+        if not examples:
+            raise DataError(
+                f"{source.display}: none of its {n_rows} rows falls in hash_range {list(source.hash_range)}; "
+                "widen the range or use a larger file"
+            )
     if source.limit is not None:
         examples = examples[: source.limit]
+    if origin == "eval":
+        _warn_single_class(source, examples)
     return LoadResult(examples=examples, skipped=dict(skipped))
+
+
+def _warn_single_class(source: DataSource, examples: list[GuardExample]) -> None:
+    """Warn once, naming the set, when its labelled rows are all one class: it still measures recall
+    or false positives, but AUPRC is then 0 or 1 whatever the scores, which reads like a result."""
+    labels = Counter(ex.label for ex in examples if ex.label is not None)
+    if len(labels) == 1:
+        label, count = next(iter(labels.items()))
+        logger.warning(
+            "%s: all %d labelled rows have label %d (%s): AUPRC is undefined on this set and its reported "
+            "value means nothing; read recall/F1 instead, or add rows of the other class",
+            source.display,
+            count,
+            label,
+            "unsafe" if label else "safe",
+        )
 
 
 def _convert(source: DataSource, row: Any) -> tuple[str, str | None, int | None]:
@@ -433,6 +456,8 @@ def _read_jsonl(source: DataSource, path: Path, data: bytes) -> _Rows:
                 yield number, json.loads(text)
             except json.JSONDecodeError as err:
                 yield number, _BadRow("malformed_json", f"malformed JSON at column {err.colno}: {err.msg}")
+            except RecursionError:
+                yield number, _BadRow("malformed_json", "malformed JSON: nested too deeply to be a row")
 
     return _Rows(unit="line", rows=rows())
 
@@ -452,6 +477,8 @@ def _read_json(source: DataSource, path: Path, data: bytes) -> _Rows:
         raise DataError(
             f"{source.display}, line {err.lineno}, column {err.colno}: malformed JSON: {err.msg}"
         ) from None
+    except RecursionError:
+        raise DataError(f"{source.display}: malformed JSON: nested too deeply to be a list of rows") from None
     if isinstance(document, dict):
         lists = sorted(key for key, value in document.items() if isinstance(value, list))
         if source.records_key is None or source.records_key not in document:
@@ -488,6 +515,12 @@ def _read_csv(source: DataSource, path: Path, data: bytes) -> _Rows:
     if header_line is None:
         raise DataError(f"{source.display}: empty CSV file (no header row)")
     header = header_line[1]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataError(
+            f"{source.display}, line {header_line[0]}: the header names the column(s) {repeated} more than "
+            "once, so which one holds the data is ambiguous; rename them"
+        )
 
     def rows() -> Iterator[tuple[int, Any]]:
         for number, record in numbered:
