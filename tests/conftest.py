@@ -43,6 +43,6 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path) ->
     from harmaug_pl.export import export, from_model
 
     folder = tmp_path_factory.mktemp("tiny_export") / "guard"
-    reference = from_model(str(tiny_student), folder, max_length=24, threshold=0.5, seed=0)
+    reference = from_model(str(tiny_student), folder, max_length=64, threshold=0.5, seed=0)
     export(folder, reference, sample_size=8)
     return folder

@@ -101,7 +101,8 @@ def test_export_from_a_lightning_checkpoint_loads_weights_only(tmp_path: Path, t
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     # any class outside torch's allow-list (here argparse.Namespace) must not be unpickled
     ckpt = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"student": "x"}, "payload": argparse.Namespace(run="code")}, ckpt)
+    payload = argparse.Namespace(run="code")
+    torch.save({"state_dict": {}, "hyper_parameters": {"student": "x"}, "payload": payload}, ckpt)
     with pytest.raises(ModelLoadError, match="weights_only=True"):
         from_checkpoint(str(ckpt), tmp_path / "out", max_length=8)
     with pytest.raises(ModelLoadError, match="no such file"):
