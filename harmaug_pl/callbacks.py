@@ -56,11 +56,25 @@ class StudentExport(L.Callback):
     ``transformers.pipeline("text-classification", model=folder)`` and with ``Guard.from_pretrained``.
     It is logged as the run's ``guard/`` artifact (what ``harmaug export --mlflow_run`` downloads) and,
     with ``log_model``, as a transformers model so ``mlflow ui`` shows it under the run.
+    ``formats`` adds ``onnx`` and/or ``int8`` (ONNX) files to the folder, each verified against the
+    student's scores on a sample (``export_report.json``); they need the ``export`` extra.
     """
 
-    def __init__(self, export_dir: str = "runs/harmaug/student", log_model: bool = True) -> None:
+    def __init__(
+        self,
+        export_dir: str = "runs/harmaug/student",
+        log_model: bool = True,
+        formats: list[str] | None = None,
+    ) -> None:
+        from harmaug_pl.errors import ConfigError
+        from harmaug_pl.export import FORMATS
+
+        unknown = sorted(set(formats or []) - set(FORMATS))
+        if unknown:
+            raise ConfigError(f"export.formats: unknown {unknown}; choose from {list(FORMATS)}")
         self.export_dir = Path(export_dir)
         self.log_model = log_model
+        self.formats = list(formats or [])
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_augmentation_stats(trainer, getattr(trainer.datamodule, "augmentation_stats", {}))
@@ -82,8 +96,8 @@ class StudentExport(L.Callback):
         }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from harmaug_pl.export import write_guard_folder
-        from harmaug_pl.guard import GuardSettings
+        from harmaug_pl.export import export, write_guard_folder
+        from harmaug_pl.guard import Guard, GuardSettings
 
         if trainer.global_rank != 0:
             return
@@ -94,6 +108,10 @@ class StudentExport(L.Callback):
         write_guard_folder(
             pl_module.student, tokenizer, self.export_dir, settings, self.card(trainer, pl_module)
         )
+        if self.formats:
+            reference = Guard.from_model(pl_module.student, tokenizer, settings)
+            export(self.export_dir, reference, formats=("hf", *self.formats))
+            pl_module.student.train(pl_module.training)  # Guard.from_model set eval mode
         log.info("student exported to %s", self.export_dir)
         logger = mlflow_logger(trainer)
         if logger is None:

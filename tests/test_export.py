@@ -136,3 +136,34 @@ def test_export_from_an_mlflow_run_downloads_the_logged_guard(tmp_path: Path, ti
 
     with pytest.raises(ModelLoadError, match="MLflow run"):
         from_mlflow_run("0" * 32, uri, tmp_path / "none")
+
+
+def test_student_export_callback_writes_the_verified_formats(tmp_path: Path, tiny_student: Path) -> None:
+    """What the edge pack's ``export.formats: [onnx, int8]`` does at fit end."""
+    from types import SimpleNamespace
+
+    from harmaug_pl.callbacks import StudentExport
+    from harmaug_pl.models import load_tokenizer
+    from harmaug_pl.teacher import CallableTeacher
+    from tests.helpers import KEYWORD_TEACHER
+
+    module = _trained_module(tiny_student)
+    datamodule = SimpleNamespace(
+        max_length=32,
+        tokenizer=load_tokenizer(str(tiny_student)),
+        pipeline=SimpleNamespace(teacher=CallableTeacher(function=KEYWORD_TEACHER)),
+        seed_data=SimpleNamespace(display="placeholder seed"),
+        augment=True,
+    )
+    trainer = SimpleNamespace(
+        global_rank=0, datamodule=datamodule, loggers=[], callback_metrics={"val/auprc": torch.tensor(0.5)}
+    )
+    StudentExport(export_dir=str(tmp_path / "student"), formats=["onnx", "int8"]).on_fit_end(trainer, module)
+    report = json.loads((tmp_path / "student" / "export_report.json").read_text())["verification"]
+    assert set(report) == {"hf", "onnx", "int8"}
+    assert report["onnx"]["max_abs_diff"] < ONNX_TOLERANCE and report["int8"]["max_abs_diff"] < INT8_TOLERANCE
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "placeholder seed + HarmAug synthetic rows" in card and "tests.helpers:keyword_teacher" in card
+    assert "val/auprc | 0.5000" in card
+    with pytest.raises(ConfigError, match="export.formats"):
+        StudentExport(formats=["tflite"])
