@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Student: {what}.\n\nCost on {len(rows['prompts'])} eval rows ({args.latency_rows} timed one at a "
         f"time); AUPRC on {len(rows['eval_prompts'])} held-out rows (human labels). "
         "Ratios: x student (eager); memory: peak RSS rise over each scorer's fresh process "
-        "(loading included).\n\n"
-        + table
-        + "\n\nExport verification (max |P(unsafe) - PyTorch|, "
+        "(loading included).\n\n" + table + "\n\nExport verification (max |P(unsafe) - PyTorch|, "
         f"{args.verify_rows} rows): "
         + ", ".join(f"{fmt} {c['max_abs_diff']:.2e}" for fmt, c in verification.items())
     )

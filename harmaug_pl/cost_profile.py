@@ -75,7 +75,7 @@ class MemoryProbe:
 def count_parameters(scorer: Scorer) -> int | None:
     """Parameters of the torch model behind a scorer, if there is one we can find."""
     for owner in (scorer, getattr(scorer, "runner", None), getattr(scorer, "backend", None)):
-        for name in ("model", "_model"):
+        for name in ("model", "_model", "lm"):  # guards, classifier teachers, LLM backends
             model = getattr(owner, name, None)
             if isinstance(model, torch.nn.Module):
                 return sum(p.numel() for p in model.parameters())

@@ -190,18 +190,27 @@ def from_mlflow_run(run_id: str, tracking_uri: str, folder: Path) -> Guard:
     return Guard.from_pretrained(folder)
 
 
-def from_model(ref: str, folder: Path, max_length: int | None, threshold: float, seed: int) -> Guard:
-    """A model reference (a trained student folder, or a base encoder whose fresh head is seeded)."""
-    if max_length is None:
+def from_model(ref: str, folder: Path, max_length: int | None, threshold: float | None, seed: int) -> Guard:
+    """A model reference: a guard folder (its ``harmaug_guard.json`` and card are kept unless
+    overridden), a trained student folder, or a base encoder whose fresh head is seeded."""
+    saved = Path(ref).expanduser()
+    known = GuardSettings.load(saved) if (saved / GUARD_CONFIG).is_file() else None
+    if max_length is None and known is None:
         raise ConfigError(
-            "--max_length is required with --model: the max_length the student was trained with"
+            f"--max_length is required with --model {ref}: it has no {GUARD_CONFIG}; give the "
+            "max_length the student was trained with"
         )
+    settings = GuardSettings(
+        max_length=max_length if max_length is not None else known.max_length,
+        threshold=threshold if threshold is not None else (known.threshold if known else 0.5),
+    )
     torch.manual_seed(seed)
     student = load_sequence_classifier(
         ref, num_labels=2, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}
     )
-    card = {"student_base": ref, "source": f"model {ref}"}
-    settings = GuardSettings(max_length=max_length, threshold=threshold)
+    card_file = saved / "card.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {"student_base": ref}
+    card["source"] = f"model {ref}"
     tokenizer = load_tokenizer(ref)
     write_guard_folder(student, tokenizer, folder, settings, card)
     return Guard.from_model(student, tokenizer, settings)
@@ -319,8 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a model folder or reference (a base encoder gets a fresh head)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--tracking_uri", default="sqlite:///mlruns/mlflow.db", help="with --mlflow_run")
-    parser.add_argument("--max_length", type=int, help="the data module's max_length (checkpoint/model)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="with --model (a checkpoint has one)")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        help="the data module's max_length (checkpoint; model without harmaug_guard.json)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, help="with --model (default: its harmaug_guard.json's, else 0.5)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds a fresh head (with --model)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--sample_size", type=int, default=32, help="rows compared after export")

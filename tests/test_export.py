@@ -17,6 +17,7 @@ from harmaug_pl.export import (
     export,
     from_checkpoint,
     from_mlflow_run,
+    from_model,
     verification_sample,
 )
 from harmaug_pl.guard import Guard
@@ -167,3 +168,13 @@ def test_student_export_callback_writes_the_verified_formats(tmp_path: Path, tin
     assert "val/auprc | 0.5000" in card
     with pytest.raises(ConfigError, match="export.formats"):
         StudentExport(formats=["tflite"])
+
+
+def test_re_export_of_a_guard_folder_keeps_its_settings(tmp_path: Path, tiny_export: Path) -> None:
+    reference = from_model(str(tiny_export), tmp_path / "again", max_length=None, threshold=None, seed=1)
+    assert reference.settings == Guard.from_pretrained(tiny_export).settings
+    prompts, responses = verification_sample(6)
+    expected = Guard.from_pretrained(tiny_export).score(prompts, responses)
+    assert max(abs(a - b) for a, b in zip(expected, reference.score(prompts, responses))) < 1e-6
+    with pytest.raises(ConfigError, match="--max_length is required"):
+        from_model(str(tmp_path / "no_such_guard"), tmp_path / "x", max_length=None, threshold=None, seed=0)
