@@ -54,35 +54,82 @@ def log_augmentation_stats(trainer: L.Trainer, stats: dict[str, float | int]) ->
 
 
 class StudentExport(L.Callback):
-    """At the end of fit: save the student with ``save_pretrained`` (safetensors) + tokenizer, log it.
+    """At the end of fit: write the student's guard folder and log it to MLflow.
 
-    The folder loads with ``transformers.pipeline("text-classification", model=folder)``; it is also
-    logged to MLflow as a transformers model, so ``mlflow ui`` shows it under the run.
+    The folder (:func:`harmaug_pl.export.write_guard_folder`: safetensors, tokenizer, ``id2label``,
+    model card, ``harmaug_guard.json`` with the training max length and threshold) loads with
+    ``transformers.pipeline("text-classification", model=folder)`` and with ``Guard.from_pretrained``.
+    It is logged as the run's ``guard/`` artifact (what ``harmaug export --mlflow_run`` downloads) and,
+    with ``log_model``, as a transformers model so ``mlflow ui`` shows it under the run.
+    ``formats`` adds ``onnx`` and/or ``int8`` (ONNX) files to the folder, each verified against the
+    student's scores on a sample (``export_report.json``); they need the ``export`` extra.
     """
 
-    def __init__(self, export_dir: str = "runs/harmaug/student", log_model: bool = True) -> None:
+    def __init__(
+        self,
+        export_dir: str = "runs/harmaug/student",
+        log_model: bool = True,
+        formats: list[str] | None = None,
+    ) -> None:
+        from harmaug_pl.errors import ConfigError
+        from harmaug_pl.export import FORMATS
+
+        unknown = sorted(set(formats or []) - set(FORMATS))
+        if unknown:
+            raise ConfigError(f"export.formats: unknown {unknown}; choose from {list(FORMATS)}")
         self.export_dir = Path(export_dir)
         self.log_model = log_model
+        self.formats = list(formats or [])
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_augmentation_stats(trainer, getattr(trainer.datamodule, "augmentation_stats", {}))
 
+    @staticmethod
+    def card(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What the model card states: base model, teacher, data, the last logged metrics."""
+        datamodule = trainer.datamodule
+        teacher = getattr(getattr(datamodule, "pipeline", None), "teacher", None)
+        seed = getattr(datamodule, "seed_data", None)
+        data = getattr(seed, "display", "not recorded")
+        if hasattr(datamodule, "augment"):
+            data += " + HarmAug synthetic rows" if datamodule.augment else " (KD only, no augmentation)"
+        return {
+            "student_base": pl_module.hparams.get("student", "unknown"),
+            "teacher": json.dumps(teacher.describe()) if teacher is not None else "not recorded",
+            "data": data,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+        }
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from harmaug_pl.export import export, write_guard_folder
+        from harmaug_pl.guard import Guard, GuardSettings
+
         if trainer.global_rank != 0:
             return
-        self.export_dir.mkdir(parents=True, exist_ok=True)
-        pl_module.student.save_pretrained(self.export_dir, safe_serialization=True)
-        trainer.datamodule.tokenizer.save_pretrained(self.export_dir)
+        settings = GuardSettings(
+            max_length=trainer.datamodule.max_length, threshold=pl_module.hparams.get("threshold", 0.5)
+        )
+        tokenizer = trainer.datamodule.tokenizer
+        write_guard_folder(
+            pl_module.student, tokenizer, self.export_dir, settings, self.card(trainer, pl_module)
+        )
+        if self.formats:
+            reference = Guard.from_model(pl_module.student, tokenizer, settings)
+            export(self.export_dir, reference, formats=("hf", *self.formats))
+            pl_module.student.train(pl_module.training)  # Guard.from_model set eval mode
         log.info("student exported to %s", self.export_dir)
         logger = mlflow_logger(trainer)
-        if logger is None or not self.log_model:
+        if logger is None:
+            return
+        logger.experiment.log_artifacts(logger.run_id, str(self.export_dir), "guard")
+        if not self.log_model:
             return
         import mlflow
 
         mlflow.set_tracking_uri(logger._tracking_uri)
         with mlflow.start_run(run_id=logger.run_id):
             mlflow.transformers.log_model(
-                transformers_model={"model": pl_module.student, "tokenizer": trainer.datamodule.tokenizer},
+                transformers_model={"model": pl_module.student, "tokenizer": tokenizer},
                 name="student",
                 task="text-classification",
                 pip_requirements=["transformers", "torch"],

@@ -7,6 +7,7 @@ can be a file path or the bare name of a pack shipped in the wheel (``--config c
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle  # only for its UnpicklingError: nothing here unpickles
 import re
@@ -32,6 +33,9 @@ from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
 CKPT_PATH_KEYWORDS = frozenset({"best", "last", "hpc", "registry"})
+
+# Commands that serve a trained student, dispatched to their own modules (``harmaug export --help``).
+TOOL_COMMANDS = {"export": "harmaug_pl.export", "classify": "harmaug_pl.classify"}
 
 MLFLOW_DEFAULT = {
     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
@@ -205,13 +209,22 @@ def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
         raise SystemExit(2) from error
 
 
+def run_tool(argv: list[str]) -> bool:
+    """Run ``export`` / ``classify`` (not Trainer commands: each has its own parser); False otherwise."""
+    if not argv or argv[0] not in TOOL_COMMANDS:
+        return False
+    importlib.import_module(TOOL_COMMANDS[argv[0]]).console_main(argv[1:])
+    return True
+
+
 def console_main() -> None:
     """The ``harmaug`` and ``lightning`` console scripts.
 
     They call ``sys.exit(<this>())``: returning the CLI object (as :func:`main` does for tests and
     notebooks) would print it and exit with status 1 after a successful run.
     """
-    main()
+    if not run_tool(sys.argv[1:]):
+        main()
 
 
 def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
@@ -232,7 +245,9 @@ def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
             "parser_mode": "omegaconf+",
             "description": (
                 "HarmAug guard distillation. Give packs with --config (a path or a shipped name: "
-                f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets."
+                f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets. "
+                "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX) and "
+                "`harmaug classify --help` (score prompts, pairs or a file)."
             ),
         },
         seed_everything_default=42,

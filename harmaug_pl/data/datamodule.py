@@ -8,7 +8,7 @@ import os
 import random
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,26 @@ class EpochSeededSampler(WeightedRandomSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
+def encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str | None],
+    max_length: int,
+    return_tensors: str = "pt",
+) -> Any:
+    """The student's input: (prompt, response) as a text pair, prompt-only rows alone, truncated to
+    ``max_length`` and padded to the batch's longest row.
+
+    Training (:class:`PairCollator`) and serving (:class:`harmaug_pl.guard.Guard`) both call this,
+    so a served guard truncates exactly as its student was trained.
+    """
+    features = [
+        tokenizer(prompt, response, truncation=True, max_length=max_length)
+        for prompt, response in zip(prompts, responses, strict=True)
+    ]
+    return tokenizer.pad(features, return_tensors=return_tensors)
+
+
 class PairCollator:
     """Tokenise (prompt, response) as a text pair, prompt-only rows alone; pad to the batch's longest.
 
@@ -72,11 +92,9 @@ class PairCollator:
         self.max_length = max_length
 
     def __call__(self, rows: list[GuardExample]) -> dict[str, torch.Tensor]:
-        features = [
-            self.tokenizer(row.prompt, row.response, truncation=True, max_length=self.max_length)
-            for row in rows
-        ]
-        batch = self.tokenizer.pad(features, return_tensors="pt")
+        batch = encode_pairs(
+            self.tokenizer, [row.prompt for row in rows], [row.response for row in rows], self.max_length
+        )
         batch["teacher_score"] = torch.tensor(
             [row.teacher_score if row.teacher_score is not None else float("nan") for row in rows]
         )

@@ -1,0 +1,189 @@
+"""Serve a trained student: ``Guard.from_pretrained(path).score(prompts, responses)``.
+
+``path`` is an exported folder (Hugging Face safetensors, run with PyTorch) or an ``.onnx`` file in
+such a folder (plain or int8, run with onnxruntime). Either way the folder's ``harmaug_guard.json``
+says how the student was trained (max length, threshold, which label is unsafe), and inputs go
+through the training tokenisation (:func:`harmaug_pl.data.datamodule.encode_pairs`), so a served
+guard scores the (prompt, response) pair and truncates exactly as it learned to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harmaug_pl.data.datamodule import encode_pairs
+from harmaug_pl.errors import ConfigError, ModelLoadError
+from harmaug_pl.models import load_sequence_classifier, load_tokenizer
+
+GUARD_CONFIG = "harmaug_guard.json"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class GuardSettings:
+    """What serving must repeat from training; written next to every export as ``harmaug_guard.json``.
+
+    ``pair_format``: how a response is fed, ``text_pair`` = the tokenizer's own pair encoding
+    (``[CLS] prompt [SEP] response [SEP]`` for BERT-like students), as :class:`PairCollator` does.
+    """
+
+    max_length: int
+    threshold: float = 0.5
+    unsafe_index: int = 1
+    pair_format: str = "text_pair"
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / GUARD_CONFIG).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GuardSettings:
+        path = Path(folder) / GUARD_CONFIG
+        if not path.is_file():
+            raise ModelLoadError(
+                f"{folder}: no {GUARD_CONFIG}, so it is not a harmaug export; write one with "
+                "`harmaug export` (it records max_length and the threshold the student was trained with)"
+            )
+        try:
+            settings = cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as err:
+            raise ModelLoadError(f"{path}: invalid guard settings: {err}") from err
+        if settings.pair_format != "text_pair":
+            raise ModelLoadError(f"{path}: unknown pair_format {settings.pair_format!r} (known: text_pair)")
+        return settings
+
+
+def require_onnxruntime(purpose: str) -> None:
+    """ONNX support is the optional ``export`` extra: say how to get it instead of an ImportError."""
+    for package in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            raise ModelLoadError(
+                f"{purpose} needs the '{package}' package, which is not installed: "
+                "pip install 'harmaug-pl[export]'"
+            )
+
+
+def model_input_names(model: Any) -> list[str]:
+    """The tokenizer outputs ``model.forward`` accepts (BERT takes token_type_ids, some encoders not)."""
+    accepted = inspect.signature(model.forward).parameters
+    return [name for name in MODEL_INPUTS if name in accepted]
+
+
+class _TorchRunner:
+    """Logits from the safetensors student with PyTorch."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.names = model_input_names(self.model)
+
+    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in self.names}
+        with torch.inference_mode():
+            return self.model(**inputs).logits.float().cpu().numpy()
+
+
+class _OnnxRunner:
+    """Logits from an exported ``.onnx`` file with onnxruntime (CPU)."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        require_onnxruntime(f"loading {path}")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelLoadError(f"cannot load ONNX model {path}: {err}") from err
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
+        feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self.names}
+        return self.session.run(None, feed)[0]
+
+
+class Guard:
+    """A trained student as a guard: P(unsafe) for prompts or (prompt, response) pairs."""
+
+    def __init__(self, tokenizer: Any, runner: Any, settings: GuardSettings, source: str) -> None:
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.settings = settings
+        self.source = source
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", threads: int | None = None) -> Guard:
+        """Load an exported folder (PyTorch) or an ``.onnx`` file inside one (onnxruntime, CPU).
+
+        ``threads``: onnxruntime's intra-op threads (``None``: its default).
+        """
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"guard {str(path)!r}: no such file or folder")
+        folder = path.parent if path.is_file() else path
+        settings = GuardSettings.load(folder)
+        if path.is_file():
+            if path.suffix != ".onnx":
+                raise ModelLoadError(f"guard {str(path)!r}: a file must be an .onnx export")
+            runner: Any = _OnnxRunner(path, threads)
+        else:
+            runner = _TorchRunner(load_sequence_classifier(str(folder), device=device))
+        return cls(load_tokenizer(str(folder)), runner, settings, str(path))
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, settings: GuardSettings) -> Guard:
+        """A guard around a student in memory (the reference an export is checked against)."""
+        return cls(tokenizer, _TorchRunner(model), settings, "in memory")
+
+    @property
+    def threshold(self) -> float:
+        return self.settings.threshold
+
+    def truncated(self, prompts: Sequence[str], responses: Sequence[str | None] | None = None) -> list[bool]:
+        """Which rows are longer than ``max_length`` tokens (scored on their first tokens only)."""
+        responses = _responses(prompts, responses)
+        return [
+            len(self.tokenizer(p, r)["input_ids"]) > self.settings.max_length
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str | None] | None = None, batch_size: int = 32
+    ) -> list[float]:
+        """P(unsafe) per row; ``responses[i]`` None (or no ``responses``) scores the prompt alone."""
+        if isinstance(prompts, str):
+            raise ConfigError("Guard.score takes a list of prompts, not one string")
+        responses = _responses(prompts, responses)
+        tensors = "pt" if isinstance(self.runner, _TorchRunner) else "np"
+        scores: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = encode_pairs(
+                self.tokenizer,
+                prompts[start : start + batch_size],
+                responses[start : start + batch_size],
+                self.settings.max_length,
+                return_tensors=tensors,
+            )
+            logits = self.runner(batch).astype(np.float64)
+            probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs /= probs.sum(axis=-1, keepdims=True)
+            scores.extend(probs[:, self.settings.unsafe_index].tolist())
+        return scores
+
+
+def _responses(prompts: Sequence[str], responses: Sequence[str | None] | None) -> list[str | None]:
+    if responses is None:
+        return [None] * len(prompts)
+    if len(responses) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses: give one per prompt")
+    return [r if r else None for r in responses]
