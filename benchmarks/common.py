@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from harmaug_pl.cli import shipped_config
+from harmaug_pl.cost_profile import proc_status_kib
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_PACK = "cpu_tiny"
@@ -28,24 +29,13 @@ def pack_config(name: str = DEFAULT_PACK) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
-def _status_kib(field: str) -> int | None:
-    """A ``VmXXX:`` field of /proc/self/status in KiB (None off Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def peak_rss_mib() -> float:
     """Peak resident memory since the last :func:`reset_peak_rss` (else since start), in MiB.
 
     Resetting also lowers what ``getrusage``'s ``ru_maxrss`` reports afterwards, so a process that
     resets must take its overall peak as the maximum of its phases' peaks.
     """
-    hwm = _status_kib("VmHWM")
+    hwm = proc_status_kib("VmHWM")
     if hwm is None:  # no /proc (not Linux): ru_maxrss, which cannot be reset
         hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(hwm / 1024, 1)

@@ -28,7 +28,7 @@ from harmaug_pl.callbacks import mlflow_logger
 Scorer = Any  # has score(prompts, responses) -> list[float]
 
 
-def _status_kib(field: str) -> int | None:
+def proc_status_kib(field: str) -> int | None:
     """A ``VmXXX:`` field of /proc/self/status in KiB (None off Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -60,13 +60,13 @@ class MemoryProbe:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         except OSError:
             pass
-        self.baseline = _status_kib("VmRSS")
+        self.baseline = proc_status_kib("VmRSS")
 
     def stop(self) -> float | None:
         if self.cuda:
             torch.cuda.synchronize()
             return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        peak = _status_kib("VmHWM")
+        peak = proc_status_kib("VmHWM")
         if peak is None or self.baseline is None:
             return None
         return round((peak - self.baseline) / 1024, 1)

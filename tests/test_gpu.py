@@ -23,7 +23,7 @@ from harmaug_pl.backends.transformers_backend import TransformersBackend
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.teacher import LlamaGuardTeacher
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
-from tests.tiny_models import GUARD_TEMPLATE, build_tokenizer
+from tests.tiny_models import CHATML_TEMPLATE, GUARD_TEMPLATE, save_tiny_llama
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
@@ -131,39 +131,23 @@ def test_quantized_teacher_on_cuda_matches_bf16(tiny_guard: Path, settings: dict
     bf16.close()
 
 
-def save_vllm_tiny(path: Path, chat_template: str, seed: int = 0) -> Path:
-    """A 2-layer random Llama that vLLM's kernels accept (head size 64, not the CPU tests' 8)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer(chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+# vLLM's GPU kernels want a head size of 64, not the CPU tests' 8
+VLLM_SIZES = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 1024,
+}
 
 
 @pytest.fixture(scope="module")
 def vllm_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tiny_models import CHATML_TEMPLATE
-
-    return save_vllm_tiny(tmp_path_factory.mktemp("vllm_llama"), CHATML_TEMPLATE)
+    return save_tiny_llama(tmp_path_factory.mktemp("vllm_llama"), CHATML_TEMPLATE, **VLLM_SIZES)
 
 
 @pytest.fixture(scope="module")
 def vllm_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_vllm_tiny(tmp_path_factory.mktemp("vllm_guard"), GUARD_TEMPLATE, seed=1)
+    return save_tiny_llama(tmp_path_factory.mktemp("vllm_guard"), GUARD_TEMPLATE, seed=1, **VLLM_SIZES)
 
 
 VLLM_SETTINGS = {

@@ -6,6 +6,7 @@ The texts used to train the tokenizer are mild, clearly fake placeholders.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -74,25 +75,34 @@ def build_tokenizer(
     return fast
 
 
-def save_tiny_llama(path: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0) -> Path:
-    """A 2-layer random-init Llama causal LM with a chat template, saved as safetensors."""
+def save_tiny_llama(
+    path: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0, **config: Any
+) -> Path:
+    """A 2-layer random-init Llama causal LM with a chat template, saved as safetensors.
+
+    ``config`` overrides LlamaConfig sizes (GPU kernels such as vLLM's want a head size of 64).
+    """
     import torch
 
     torch.manual_seed(seed)
     tok = build_tokenizer(chat_template)
-    config = LlamaConfig(
+    sizes = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        **config,
+    }
+    llama = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
+        **sizes,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(llama).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
