@@ -69,8 +69,11 @@ def model_card(card: dict[str, Any], settings: GuardSettings) -> str:
     checks = card.get("verification") or {}
     if checks:
         lines += ["", "## Export verification (max |P(unsafe) - PyTorch P(unsafe)| on a sample)", ""]
-        lines += ["| format | file | max abs diff |", "|---|---|---|"]
-        lines += [f"| {fmt} | {c['file']} | {c['max_abs_diff']:.2e} |" for fmt, c in checks.items()]
+        lines += ["| format | file | max abs diff | label flips |", "|---|---|---|---|"]
+        lines += [
+            f"| {fmt} | {c['file']} | {c['max_abs_diff']:.2e} | {c.get('label_flips', 'n/a')} |"
+            for fmt, c in checks.items()
+        ]
     lines += [
         "",
         "## Use",
@@ -302,10 +305,34 @@ def export(
     if "int8" in formats:
         files["int8"] = quantize_int8(files["onnx"])
     checks = {}
+    threshold = reference.threshold
     for fmt, path in files.items():
         scores = Guard.from_pretrained(path).score(prompts, responses)
-        checks[fmt] = {"file": path.name, "max_abs_diff": max_abs_diff(expected, scores)}
-        log.info("%s: max abs diff %.2e on %d rows", fmt, checks[fmt]["max_abs_diff"], len(prompts))
+        # a score can move a lot where it does not matter (far from the threshold): the label flips
+        # say what a user of the guard would see change
+        flips = sum((a > threshold) != (b > threshold) for a, b in zip(expected, scores))
+        checks[fmt] = {
+            "file": path.name,
+            "max_abs_diff": max_abs_diff(expected, scores),
+            "label_flips": flips,
+        }
+        log.info(
+            "%s: max abs diff %.2e, %d label flips at %.2f on %d rows",
+            fmt,
+            checks[fmt]["max_abs_diff"],
+            flips,
+            threshold,
+            len(prompts),
+        )
+        if flips:
+            log.warning(
+                "%s: %d of %d verification rows change label at threshold %.2f: check this format's "
+                "metrics on your eval set before serving it",
+                fmt,
+                flips,
+                len(prompts),
+                threshold,
+            )
     report = {"folder": str(folder), "sample_rows": len(prompts), "verification": checks}
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     _update_card(folder, verification=checks)
@@ -357,7 +384,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     report = export(out, reference, tuple(args.formats), args.sample_size, args.sample_data)
     for fmt, check in report["verification"].items():
         where = out if fmt == "hf" else out / check["file"]
-        print(f"{fmt:>5}: {where}  max abs diff {check['max_abs_diff']:.2e}")
+        diff, flips = check["max_abs_diff"], check["label_flips"]
+        print(f"{fmt:>5}: {where}  max abs diff {diff:.2e}, label flips {flips}")
     return report
 
 

@@ -46,7 +46,8 @@ def test_export_writes_every_format_and_reloads_to_the_same_scores(
     assert report["hf"]["max_abs_diff"] < 1e-6
     assert report["onnx"]["max_abs_diff"] < ONNX_TOLERANCE
     assert report["int8"]["max_abs_diff"] < INT8_TOLERANCE
-    assert "max abs diff" in (tiny_export / "README.md").read_text()
+    assert report["hf"]["label_flips"] == report["onnx"]["label_flips"] == 0
+    assert "max abs diff | label flips" in (tiny_export / "README.md").read_text()
 
     # independent of the report: reload each format and compare with the student it was made from
     from transformers import AutoModelForSequenceClassification
