@@ -97,8 +97,16 @@ def remote_code_model(tiny_llama: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_model_code_runs_only_when_asked_and_then_with_a_warning(
-    tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_llama: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    # Remote code registers its class for the auto class process-wide (LlamaConfig -> it, and
+    # LlamaForCausalLM._auto_class): undo that after the test, or later save_pretrained calls of
+    # tiny Llamas try to copy "custom code" and fail depending on test order.
+    mapping = AutoModelForCausalLM._model_mapping
+    monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
+    monkeypatch.setattr(LlamaForCausalLM, "_auto_class", LlamaForCausalLM._auto_class)
     model, marker = remote_code_model(tiny_llama, tmp_path)
     with caplog.at_level(logging.WARNING, logger="harmaug_pl.models"):
         load_causal_lm(str(model))
