@@ -40,9 +40,9 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from harmaug_pl.callbacks import mlflow_logger
-from harmaug_pl.cli import HarmAugCLI, our_error, shipped_config
+from harmaug_pl.cli import HarmAugCLI, shipped_config
 from harmaug_pl.cli import main as cli_main
-from harmaug_pl.errors import ConfigError
+from harmaug_pl.errors import ConfigError, one_line_errors
 from harmaug_pl.evaluation import diversity as diversity_lib
 from harmaug_pl.evaluation.metrics import ScoredSet
 from harmaug_pl.module import metric_collection
@@ -560,14 +560,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m harmaug_pl.ablation``: our errors print as one line and exit with status 2."""
-    try:
+    with one_line_errors("harmaug ablation"):
         return _main(argv)
-    except Exception as error:
-        ours = our_error(error)
-        if ours is None:
-            raise
-        print(f"harmaug ablation: error: {type(ours).__name__}: {ours}", file=sys.stderr)
-        raise SystemExit(2) from error
 
 
 def _main(argv: list[str] | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from harmaug_pl.data.loaders import DataSource, load_examples
-from harmaug_pl.errors import ConfigError, HarmAugError
+from harmaug_pl.errors import ConfigError, one_line_errors
 from harmaug_pl.guard import Guard
 
 
@@ -123,8 +123,5 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
 
 def console_main(argv: list[str]) -> None:
     """``harmaug classify ...``: our errors as one line and exit status 2, like the Trainer commands."""
-    try:
+    with one_line_errors("harmaug classify"):
         main(argv)
-    except HarmAugError as error:
-        print(f"harmaug classify: error: {type(error).__name__}: {error}", file=sys.stderr)
-        raise SystemExit(2) from error

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pickle  # only for its UnpicklingError: nothing here unpickles
-import re
 import sys
 import zipfile
 from pathlib import Path
@@ -28,7 +26,7 @@ from harmaug_pl.callbacks import (
     StudentExport,
     log_augmentation_stats,
 )
-from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
+from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
 
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
@@ -170,26 +168,6 @@ class HarmAugCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": MLFLOW_DEFAULT})
 
 
-def our_error(error: BaseException) -> HarmAugError | None:
-    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise).
-
-    A checkpoint that ``weights_only=True`` refuses (it pickles more than tensors and plain values)
-    counts as ours too: refusing it is the safe-loading rule working, not a crash.
-    """
-    while error is not None:
-        if isinstance(error, HarmAugError):
-            return error
-        if isinstance(error, pickle.UnpicklingError):
-            named = re.search(r"GLOBAL (\S+)", str(error))
-            return ModelLoadError(
-                "refused to load the checkpoint (--ckpt_path): it asks to call or build the Python "
-                f"object {named.group(1) if named else '(unnamed)'!r}, which weights_only=True loading "
-                "does not allow, so nothing in it was run. Use checkpoints written by harmaug fit"
-            )
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
     """Entry point of the console scripts; ``args`` lets tests run the CLI in-process.
 
@@ -199,14 +177,8 @@ def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
     Errors we raise on purpose (bad data, bad pack values, models that cannot load) are printed as
     one clear message and exit with status 2, like the CLI's own errors for unknown keys.
     """
-    try:
+    with one_line_errors("harmaug"):
         return _run_cli(args, run)
-    except Exception as error:
-        ours = our_error(error)
-        if ours is None:
-            raise
-        print(f"harmaug: error: {type(ours).__name__}: {ours}", file=sys.stderr)
-        raise SystemExit(2) from error
 
 
 def run_tool(argv: list[str]) -> bool:

@@ -1,6 +1,14 @@
 """Exceptions the package raises on purpose: one base class, so callers and the CLI can catch ours
 and show a clear message instead of a traceback from deep inside a library."""
 
+from __future__ import annotations
+
+import contextlib
+import pickle  # only for its UnpicklingError: nothing here unpickles
+import re
+import sys
+from collections.abc import Iterator
+
 
 class HarmAugError(Exception):
     """Base class of every error harmaug-pl raises deliberately."""
@@ -16,3 +24,37 @@ class ConfigError(HarmAugError):
 
 class ModelLoadError(HarmAugError):
     """A model or tokenizer could not be loaded (missing files, offline hub, wrong architecture)."""
+
+
+def our_error(error: BaseException) -> HarmAugError | None:
+    """The HarmAugError behind ``error`` (jsonargparse and Lightning wrap what constructors raise).
+
+    A checkpoint that ``weights_only=True`` refuses (it pickles more than tensors and plain values)
+    counts as ours too: refusing it is the safe-loading rule working, not a crash.
+    """
+    while error is not None:
+        if isinstance(error, HarmAugError):
+            return error
+        if isinstance(error, pickle.UnpicklingError):
+            named = re.search(r"GLOBAL (\S+)", str(error))
+            return ModelLoadError(
+                "refused to load the checkpoint (--ckpt_path): it asks to call or build the Python "
+                f"object {named.group(1) if named else '(unnamed)'!r}, which weights_only=True loading "
+                "does not allow, so nothing in it was run. Use checkpoints written by harmaug fit"
+            )
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str) -> Iterator[None]:
+    """Every command's error policy: ours (see :func:`our_error`) print as one line and exit with
+    status 2; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as error:
+        ours = our_error(error)
+        if ours is None:
+            raise
+        print(f"{program}: error: {type(ours).__name__}: {ours}", file=sys.stderr)
+        raise SystemExit(2) from error

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harmaug_pl.data.loaders import DataSource, load_examples
-from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
+from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
 from harmaug_pl.guard import GUARD_CONFIG, Guard, GuardSettings, model_input_names, require_onnxruntime
 from harmaug_pl.models import load_sequence_classifier, load_tokenizer
 from harmaug_pl.module import ID2LABEL
@@ -391,8 +390,5 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 def console_main(argv: list[str]) -> None:
     """``harmaug export ...``: our errors as one line and exit status 2, like the Trainer commands."""
-    try:
+    with one_line_errors("harmaug export"):
         main(argv)
-    except HarmAugError as error:
-        print(f"harmaug export: error: {type(error).__name__}: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
