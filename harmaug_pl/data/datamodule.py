@@ -8,7 +8,8 @@ import os
 import random
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -240,41 +241,41 @@ class HarmAugDataModule(L.LightningDataModule):
         return self._tokenizer
 
     # -- building the set ---------------------------------------------------------------------
-    def _distributed(self) -> tuple[int, int, Any]:
+    @contextmanager
+    def _sharded_job(self) -> Iterator[RankSync]:
+        """Ranks share the job stage by stage; if one rank fails, all fail at its next barrier with
+        its message (instead of waiting for the process-group timeout); the LLMs are freed after."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1, lambda: None
-        return trainer.global_rank, trainer.world_size, trainer.strategy.barrier
+        sync = RankSync(trainer.global_rank, trainer.world_size) if trainer is not None else RankSync(0, 1)
+        try:
+            with sync.guard():
+                yield sync
+        finally:
+            self.pipeline.close()
 
     def build(self) -> list[GuardExample]:
         """Run the augmentation pipeline through the cache and return every teacher-labelled row.
 
-        Ranks share the work stage by stage; if one rank fails, all fail at its next barrier with
-        its message (instead of waiting for the process-group timeout). Re-running recomputes only
-        the rows the failed rank did not write. The LLMs are freed before this returns.
+        A sharded job (:meth:`_sharded_job`): re-running after a rank failed recomputes only the rows
+        that rank did not write. The LLMs are freed before this returns.
         """
-        rank, world_size, _ = self._distributed()
-        sync = RankSync(rank, world_size)
-        try:
-            with sync.guard():
-                seed = load_examples(self.seed_data, origin="seed")
-                result = self.pipeline.run(
-                    seed.examples,
-                    self.data_dir / "cache",
-                    augment=self.augment,
-                    num_instructions=self.num_instructions,
-                    rank=rank,
-                    world_size=world_size,
-                    barrier=sync.barrier,
-                )
-                self.augmentation_stats = {
-                    **{f"seed_skipped_{k}": v for k, v in seed.skipped.items()},
-                    **result.stats,
-                }
-                if rank == 0:
-                    self._write_snapshot(result.rows)
-        finally:
-            self.pipeline.close()
+        with self._sharded_job() as sync:
+            seed = load_examples(self.seed_data, origin="seed")
+            result = self.pipeline.run(
+                seed.examples,
+                self.data_dir / "cache",
+                augment=self.augment,
+                num_instructions=self.num_instructions,
+                rank=sync.rank,
+                world_size=sync.world_size,
+                barrier=sync.barrier,
+            )
+            self.augmentation_stats = {
+                **{f"seed_skipped_{k}": v for k, v in seed.skipped.items()},
+                **result.stats,
+            }
+            if sync.rank == 0:
+                self._write_snapshot(result.rows)
         return result.rows
 
     def _write_snapshot(self, rows: list[GuardExample]) -> None:
@@ -309,13 +310,16 @@ class HarmAugDataModule(L.LightningDataModule):
                 raise DataError(f"eval set {name!r} ({source.display}): no row has a label")
         if not self.score_eval_with_teacher or not sets:
             return sets
-        rank, world_size, barrier = self._distributed()
         flat = [row for rows in sets.values() for row in rows]
-        cache = self.data_dir / "cache"
-        scored = self.pipeline.label(
-            flat, cache, stage="label_eval", rank=rank, world_size=world_size, barrier=barrier
-        )
-        self.pipeline.close()
+        with self._sharded_job() as sync:
+            scored = self.pipeline.label(
+                flat,
+                self.data_dir / "cache",
+                stage="label_eval",
+                rank=sync.rank,
+                world_size=sync.world_size,
+                barrier=sync.barrier,
+            )
         start = 0
         for name, rows in sets.items():
             sets[name], start = scored[start : start + len(rows)], start + len(rows)
