@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,28 @@ _OFFLINE_HINT = (
     "If it is a hub id: the hub is unreachable or HF_HUB_OFFLINE=1 is set and the model is not in the "
     "local cache; download it first or point the setting at a local directory."
 )
+
+
+SAFETENSORS_FILES = frozenset({"model.safetensors", "model.safetensors.index.json"})
+PYTORCH_BIN_FILES = frozenset({"pytorch_model.bin", "pytorch_model.bin.index.json"})
+
+
+def weight_format(filenames: Iterable[str]) -> str | None:
+    """The weights format the loading policy loads from a model folder's or hub repo's file names.
+
+    ``"safetensors"`` first (loading runs no code); ``"pytorch_bin"`` only when no safetensors file
+    is there, and then only through ``torch.load(weights_only=True)``; ``"gguf"`` (not pickle either);
+    ``None`` when nothing loadable is there. Top-level names only, as ``from_pretrained`` reads them.
+    The loaders and ``harmaug check`` both ask this function, so they cannot disagree.
+    """
+    names = {name for name in filenames if "/" not in name}
+    if names & SAFETENSORS_FILES:
+        return "safetensors"
+    if names & PYTORCH_BIN_FILES:
+        return "pytorch_bin"
+    if any(name.endswith(".gguf") for name in names):
+        return "gguf"
+    return None
 
 
 def resolve_model(ref: str) -> tuple[str, str | None]:
