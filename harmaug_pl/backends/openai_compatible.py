@@ -448,9 +448,10 @@ class OpenAICompatibleBackend:
             return str(entry["root"])
         return str(entry.get("root") or entry["id"])
 
-    def _check_tokenizer(self) -> None:
+    def _check_tokenizer(self) -> bool:
         """The server must read a probe chat as the local tokenizer and template do (vLLM's ``/tokenize``,
-        at the server root): token-id prompts from a different tokenizer would be read as garbage."""
+        at the server root): token-id prompts from a different tokenizer would be read as garbage.
+        False when the server has no ``/tokenize`` to ask (a gateway in front of vLLM may hide it)."""
         root = self.http.base_url.removesuffix("/v1")
         chat = [{"role": "user", "content": "Is this chat tokenized the same way on both sides?"}]
         body = {"model": self.model, "messages": self._with_system([chat])[0], "add_generation_prompt": True}
@@ -460,7 +461,7 @@ class OpenAICompatibleBackend:
             log.warning(
                 "%s: no /tokenize endpoint; the server's tokenizer is not checked", self.http.where("")
             )
-            return
+            return False
         local = self.prompts([chat], add_generation_prompt=True)[0].ids
         served = answer.get("tokens")
         if served != local:
@@ -470,6 +471,7 @@ class OpenAICompatibleBackend:
                 f"{_one_line(served, 80)}, here {_one_line(local, 80)}); set tokenizer (and chat_template) "
                 "to the served model's"
             )
+        return True
 
     @property
     def tokenizer(self) -> Any:
@@ -750,10 +752,12 @@ class OpenAICompatibleBackend:
 
     def probe(self, timeout: float = 10.0) -> dict[str, Any]:
         """Cheap facts for a preflight, as data (never raises): API key variable set, server reachable,
-        model listed and what it really serves, log-probabilities (``named``, ``top_k`` or ``none``).
+        model listed and what it really serves, log-probabilities (``named``, ``top_k`` or ``none``),
+        and whether the local tokenizer loads and reads a probe chat as the server does (``matches``,
+        ``differs``, ``missing`` here, or ``unchecked`` where the server cannot tell).
 
-        Sends ``GET /models`` and at most one 1-token completion, each tried once with ``timeout``.
-        ``reachable`` is ``None`` when the probe could not ask (the key variable is missing).
+        Sends ``GET /models``, at most one 1-token completion and (vLLM) one ``/tokenize``, each tried
+        once with ``timeout``. ``reachable`` is ``None`` when the probe could not ask (no key).
         """
         env = self.http.api_key_env
         report: dict[str, Any] = {
@@ -766,6 +770,7 @@ class OpenAICompatibleBackend:
             "model_listed": None,
             "served_model": None,
             "logprobs": None,
+            "tokenizer": None,
             "problems": [],
         }
         if report["api_key_set"] is False:
@@ -778,6 +783,7 @@ class OpenAICompatibleBackend:
             report["served_model"] = self.served_model()
             report["reachable"] = report["model_listed"] = True
             report["logprobs"] = self._probe_logprobs()
+            report["tokenizer"] = self._probe_tokenizer(report["problems"])
         except NotServedError as err:
             report.update(reachable=True, model_listed=False)
             report["problems"].append(str(err))
@@ -791,6 +797,21 @@ class OpenAICompatibleBackend:
             self.http.close()
             self.http.timeout, self.http.max_retries = saved
         return report
+
+    def _probe_tokenizer(self, problems: list[str]) -> str:
+        try:
+            if not self.features.token_prompts:
+                self.tokenizer  # noqa: B018 - loads here or says why not
+                return "unchecked"
+            if not self._check_tokenizer():
+                return "unchecked"
+        except ModelLoadError as err:
+            problems.append(str(err))
+            return "missing"
+        except ConfigError as err:
+            problems.append(str(err))
+            return "differs"
+        return "matches"
 
     def _probe_logprobs(self) -> str:
         """``named``, ``top_k`` or ``none``: what a 1-token request on token id 0 gets back."""
