@@ -68,6 +68,7 @@ class ServerFeatures:
     token_id_keys: bool  # ... keyed "token_id:<id>" (return_tokens_as_token_ids), not by token text
     reports_root: bool  # /models names the weights behind an alias (``root``)
     generation_config: bool  # sampling must be sent as a generation_config (transformers serve)
+    model_defaults: bool  # unsent sampling fields take the model's generation_config.json values
 
 
 SERVERS: dict[str, ServerFeatures] = {
@@ -80,6 +81,7 @@ SERVERS: dict[str, ServerFeatures] = {
         token_id_keys=True,
         reports_root=True,
         generation_config=False,
+        model_defaults=True,  # --generation-config auto (config/model.py, get_diff_sampling_param)
     ),
     "transformers": ServerFeatures(
         label="transformers serve",
@@ -90,6 +92,7 @@ SERVERS: dict[str, ServerFeatures] = {
         token_id_keys=False,
         reports_root=False,
         generation_config=True,
+        model_defaults=False,
     ),
     "openai": ServerFeatures(
         label="OpenAI-compatible server",
@@ -100,6 +103,7 @@ SERVERS: dict[str, ServerFeatures] = {
         token_id_keys=False,
         reports_root=False,
         generation_config=False,
+        model_defaults=False,
     ),
 }
 GENERATION_APIS = ("auto", "chat", "completions")
@@ -589,6 +593,10 @@ class OpenAICompatibleBackend:
             fields: dict[str, Any] = {"generation_config": json.dumps(config), "seed": seed}
         else:
             fields = {"temperature": sampling.temperature, "top_p": top_p, "seed": seed}
+        if self.features.model_defaults:  # sample as the other backends do: no top-k, min-p or penalties
+            fields.update(
+                top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0
+            )
         if sampling.stop:
             fields["stop"] = list(sampling.stop)
         return fields
