@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import threading
@@ -197,6 +198,10 @@ def test_prefilled_generation_continues_the_prefill(
     else:  # token ids, nothing re-tokenized by the server
         assert all(isinstance(seen["body"]["prompt"][0], int) for seen in chat_state.seen)
 
+    # sampled as the other backends sample, whatever the model's generation_config.json says
+    body = chat_state.seen[0]["body"]
+    assert (body["top_k"], body["min_p"], body["repetition_penalty"]) == (0, 0.0, 1.0)
+
     # one seed per chat, from the batch seed: reproducible, and the same on either API
     sampled = remote.generate(chats, SAMPLED, seed=3)
     assert remote.generate(chats, SAMPLED, seed=3) == sampled
@@ -265,6 +270,21 @@ def test_identity_is_what_the_server_serves_not_where_or_with_which_key(
         backend(guard_url, "guard-alias", tiny_guard, served_identity={"dtype": "bf16"}).describe()
         != identity
     )
+
+
+def test_the_key_reaches_no_log_record_even_at_debug(
+    tiny_guard: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TEST_LOG_KEY", "sk-never-logged-42")
+    keyed = ServerState(str(tiny_guard), "guard", str(tiny_guard), api_key="sk-never-logged-42")
+    caplog.set_level(logging.DEBUG)  # every logger: ours, httpx2's, httpcore2's, uvicorn's
+    with serve_in_thread(keyed) as url:
+        remote = backend(url, "guard", tiny_guard, api_key_env="TEST_LOG_KEY")
+        keyed.faults.push(("status", 429, 0))  # a retry logs a warning too
+        LlamaGuardTeacher(remote).score(["How do I bake bread?"], [None])
+        remote.close()
+    assert "retry 1 of 2" in caplog.text and "HTTP Request" in caplog.text  # something was logged
+    assert "sk-never-logged-42" not in caplog.text
 
 
 def test_config_and_setup_errors_are_one_line(guard_url: str, tiny_guard: Path, tmp_path: Path) -> None:

@@ -208,6 +208,11 @@ def build_app(state: ServerState) -> FastAPI:
             return error(f"The model `{body['model']}` does not exist.", 404, "NotFoundError", "model")
         return None
 
+    async def admit(request: Request) -> tuple[dict[str, Any], Response | None]:
+        """A generation request's body, or the answer that ends it first (a fault, an unknown model)."""
+        body = await request.json()
+        return body, await fault() or check_model(body)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
@@ -255,11 +260,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await request.json()
-        if (answer := await fault()) is not None:
-            return answer
-        if (bad := check_model(body)) is not None:
-            return bad
+        body, refused = await admit(request)
+        if refused is not None:
+            return refused
         prompt = body.get("prompt")
         if prompt is None or prompt == "":
             return error(
@@ -323,11 +326,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        body = await request.json()
-        if (answer := await fault()) is not None:
-            return answer
-        if (bad := check_model(body)) is not None:
-            return bad
+        body, refused = await admit(request)
+        if refused is not None:
+            return refused
         text = render_chat(state, body)
         if isinstance(text, JSONResponse):
             return text
