@@ -355,6 +355,30 @@ def test_probe_reports_data_and_never_raises(guard_url: str, tiny_guard: Path, t
     assert nokey["api_key_set"] is False and nokey["reachable"] is None
 
 
+def test_a_text_only_server_gets_the_rendered_text_and_its_token_count_is_checked(
+    chat_url: str, chat_state: ServerState, tiny_llama: Path, bos_llama: Path
+) -> None:
+    # `server: openai`: text prompts, no vLLM fields; the loopback server tokenizes them itself
+    generic = backend(chat_url, "gen", tiny_llama, server="openai")
+    reference = TransformersBackend(str(tiny_llama))
+    chats = [PREFILLED, PLAIN]
+    assert generic.generate(chats, GREEDY, seed=0) == reference.generate(chats, GREEDY, seed=0)
+    sent = [seen["body"] for seen in chat_state.seen]
+    assert all(isinstance(body["prompt"], str) and "logprob_token_ids" not in body and "top_k" not in body
+               for body in sent)  # fmt: skip
+    # a local tokenizer that adds BOS where the server's does not: the BOS is left out of the text,
+    # the server reads one token less than rendered here, and the row fails instead of drifting
+    mismatched = backend(chat_url, "gen", bos_llama, server="openai")
+    with pytest.raises(RemoteError) as caught:
+        mismatched.generate([PLAIN], GREEDY, seed=0)
+    message = one_line(caught.value)
+    assert (
+        "row 0 of the batch" in message and "a second BOS, or a tokenizer other than the local one" in message
+    )
+    for item in (generic, mismatched, reference):
+        item.close()
+
+
 # -- faults ----------------------------------------------------------------------------------------
 
 
@@ -501,17 +525,22 @@ def test_server_killed_and_not_back_fails_then_resumes_without_recomputing(
 
 
 @pytest.fixture(scope="module")
-def transformers_serve(tmp_path_factory: pytest.TempPathFactory):
-    """`transformers serve` in this process (its own uvicorn thread), pinned to a tiny Llama-3-style
-    model whose template writes BOS and whose tokenizer adds one too."""
+def bos_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-3-style model: its template writes BOS and its tokenizer adds one too."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("bos_llama"), chat_template=BOS_CHATML_TEMPLATE, add_bos=True
+    )
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(bos_llama: Path):
+    """`transformers serve` in this process (its own uvicorn thread), pinned to ``bos_llama``."""
     import os
 
     os.environ.setdefault("HF_HUB_DISABLE_UPDATE_CHECK", "1")
     from transformers.cli.serve import Serve
 
-    model = save_tiny_llama(
-        tmp_path_factory.mktemp("bos_llama"), chat_template=BOS_CHATML_TEMPLATE, add_bos=True
-    )
+    model = bos_llama
     port = free_port()
     server = Serve(
         force_model=str(model), host="127.0.0.1", port=port, device="cpu", dtype="float32", non_blocking=True

@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -180,6 +181,7 @@ class _Http:
         self.retry_backoff = retry_backoff
         self.connections = connections
         self._client: Any = None
+        self._lock = threading.Lock()  # request threads must not build two clients
         self._jitter = random.Random()  # never the global RNG: training seeds must not depend on retries
 
     def where(self, path: str) -> str:
@@ -198,22 +200,27 @@ class _Http:
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            import httpx2
-
-            key = self.api_key()
-            self._client = httpx2.Client(
-                base_url=self.base_url,
-                headers={"Authorization": f"Bearer {key}"} if key else {},
-                timeout=httpx2.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
-                limits=httpx2.Limits(
-                    max_connections=self.connections, max_keepalive_connections=self.connections
-                ),
-            )
+        with self._lock:
+            if self._client is None:
+                self._client = self._new_client()
         return self._client
 
+    def _new_client(self) -> Any:
+        import httpx2
+
+        key = self.api_key()
+        return httpx2.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx2.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            limits=httpx2.Limits(
+                max_connections=self.connections, max_keepalive_connections=self.connections
+            ),
+        )
+
     def close(self) -> None:
-        client, self._client = self._client, None
+        with self._lock:
+            client, self._client = self._client, None
         if client is not None:
             client.close()
 
@@ -521,12 +528,16 @@ class OpenAICompatibleBackend:
                 )
         return [_Prompt(text, list(row)) for text, row in zip(texts, ids)]
 
-    def _text_prompt(self, prompt: _Prompt, row: str) -> str:
-        """The text that a server tokenizing *with* special tokens reads as exactly ``prompt.ids``.
+    def _payload(self, prompt: _Prompt, row: str) -> list[int] | str:
+        """What ``/completions`` gets as ``prompt``: the token ids, or a text the server reads as them.
 
-        Such servers (transformers serve: ``tokenizer(prompt)`` in cli/serving/completion.py) add a
-        BOS that the rendered template already holds, so the template's BOS is left out of the text.
+        Servers that take only text tokenize it *with* special tokens (transformers serve:
+        ``tokenizer(prompt)`` in cli/serving/completion.py), adding a BOS that the rendered template
+        already holds, so the template's BOS is left out of the text. Called before requests go to
+        the thread pool: a fast tokenizer must not be used from several threads at once.
         """
+        if self.features.token_prompts:
+            return prompt.ids
         tokenizer = self.tokenizer
         candidates = [prompt.text]
         bos = tokenizer.bos_token
@@ -608,13 +619,20 @@ class OpenAICompatibleBackend:
         chats = self._with_system(chats)
         routes = [self._route(chat) for chat in chats]
         prompts = self.prompts(chats)
+        rows = [_row(i, chat) for i, chat in enumerate(chats)]
+        payloads = [
+            self._payload(prompt, row) if route == "completions" else None
+            for prompt, route, row in zip(prompts, routes, rows)
+        ]
         fields = [self._sampling_fields(sampling, (seed * 1_000_003 + i) % 2**31) for i in range(len(chats))]
 
         def one(i: int) -> str:
-            row = _row(i, chats[i])
             if routes[i] == "chat":
-                return self._chat(chats[i], prompts[i], sampling, fields[i], row)
-            return self._complete(prompts[i], sampling, fields[i], row)
+                return self._chat(chats[i], prompts[i], sampling, fields[i], rows[i])
+            body = {"model": self.model, "max_tokens": sampling.max_new_tokens, **fields[i]}
+            answer = self._completion(payloads[i], len(prompts[i].ids), body, rows[i])
+            text = _field(answer, ("choices", 0, "text"), self.http.where("/completions"), rows[i])
+            return text if isinstance(text, str) else ""
 
         return [_cut_at_stop(text, sampling.stop) for text in self._map(one, len(chats))]
 
@@ -649,24 +667,16 @@ class OpenAICompatibleBackend:
                 )
         return text if isinstance(text, str) else ""
 
-    def _complete(self, prompt: _Prompt, sampling: SamplingConfig, fields: dict[str, Any], row: str) -> str:
-        body = {"model": self.model, "max_tokens": sampling.max_new_tokens, **fields}
-        answer = self._completion(prompt, body, row)
-        text = _field(answer, ("choices", 0, "text"), self.http.where("/completions"), row)
-        return text if isinstance(text, str) else ""
-
-    def _completion(self, prompt: _Prompt, body: dict[str, Any], row: str) -> dict[str, Any]:
-        """POST /completions with ``prompt`` as token ids, or as text whose token count is then checked."""
-        if self.features.token_prompts:
-            return self.http.call("POST", "/completions", {**body, "prompt": prompt.ids}, row)
-        answer = self.http.call(
-            "POST", "/completions", {**body, "prompt": self._text_prompt(prompt, row)}, row
-        )
+    def _completion(
+        self, payload: list[int] | str, length: int, body: dict[str, Any], row: str
+    ) -> dict[str, Any]:
+        """POST /completions; a text prompt's token count, where the server reports it, must be ``length``."""
+        answer = self.http.call("POST", "/completions", {**body, "prompt": payload}, row)
         read = (answer.get("usage") or {}).get("prompt_tokens")
-        if isinstance(read, int) and read != len(prompt.ids):
+        if isinstance(payload, str) and isinstance(read, int) and read != length:
             raise RemoteError(
                 f"{self.http.where('/completions')} read {read} prompt tokens for {row}, not the "
-                f"{len(prompt.ids)} rendered here (a second BOS, or a tokenizer other than the local one)"
+                f"{length} rendered here (a second BOS, or a tokenizer other than the local one)"
             )
         return answer
 
@@ -715,10 +725,12 @@ class OpenAICompatibleBackend:
         if self.features.token_id_keys:
             body["return_tokens_as_token_ids"] = True
         keys = self._logprob_keys(wanted)
+        rows = [_row(i, chat) for i, chat in enumerate(chats)]
+        payloads = [self._payload(prompt, row) for prompt, row in zip(prompts, rows)]
 
         def one(i: int) -> list[float]:
-            row = _row(i, chats[i])
-            answer = self._completion(prompts[i], body, row)
+            row = rows[i]
+            answer = self._completion(payloads[i], len(prompts[i].ids), body, row)
             where = self.http.where("/completions")
             step = _field(answer, ("choices", 0, "logprobs", "top_logprobs", 0), where, row)
             if not isinstance(step, dict):
