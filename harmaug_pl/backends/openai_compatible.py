@@ -813,6 +813,8 @@ class OpenAICompatibleBackend:
         except HarmAugError as err:  # the server answered, but refused (key, URL) or is not what server says
             report["reachable"] = True
             report["problems"].append(str(err))
+        except Exception as err:  # a preflight reports, it does not crash the check
+            report["problems"].append(f"{self.http.where('')}: unexpected {type(err).__name__}: {err}")
         finally:
             self.http.close()
             self.http.timeout, self.http.max_retries = saved
