@@ -22,6 +22,8 @@ CHATML_TEMPLATE = (
     "{% if not loop.last or m['role'] != 'assistant' %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Llama-3 and Gemma style: the template writes BOS itself, and the tokenizer adds one too (add_bos below).
+BOS_CHATML_TEMPLATE = "{{ bos_token }}" + CHATML_TEMPLATE
 # A Llama-Guard-like template: the whole conversation goes into one user turn; "\n\n" follows.
 GUARD_TEMPLATE = (
     "<|im_start|>user\nTask: is the last turn safe or unsafe?\n"
@@ -41,11 +43,12 @@ SPECIAL = ["<|pad|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 
 def build_tokenizer(
-    chat_template: str | None = CHATML_TEMPLATE, *, encoder: bool = False
+    chat_template: str | None = CHATML_TEMPLATE, *, encoder: bool = False, add_bos: bool = False
 ) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer trained on a few mild sentences.
 
-    ``encoder=True`` adds BERT-style ``[CLS] a [SEP] b [SEP]`` pair framing for student tests.
+    ``encoder=True`` adds BERT-style ``[CLS] a [SEP] b [SEP]`` pair framing for student tests;
+    ``add_bos=True`` makes encoding with special tokens put BOS first (as Llama-3's tokenizer does).
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -63,6 +66,11 @@ def build_tokenizer(
             pair="<|im_start|> $A <|im_end|> $B:1 <|im_end|>:1",
             special_tokens=[("<|im_start|>", cls), ("<|im_end|>", sep)],
         )
+    if add_bos:
+        bos = tok.token_to_id("<|endoftext|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", pair="<|endoftext|> $A $B:1", special_tokens=[("<|endoftext|>", bos)]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<|pad|>",
@@ -76,7 +84,11 @@ def build_tokenizer(
 
 
 def save_tiny_llama(
-    path: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0, **config: Any
+    path: Path,
+    chat_template: str | None = CHATML_TEMPLATE,
+    seed: int = 0,
+    add_bos: bool = False,
+    **config: Any,
 ) -> Path:
     """A 2-layer random-init Llama causal LM with a chat template, saved as safetensors.
 
@@ -85,7 +97,7 @@ def save_tiny_llama(
     import torch
 
     torch.manual_seed(seed)
-    tok = build_tokenizer(chat_template)
+    tok = build_tokenizer(chat_template, add_bos=add_bos)
     sizes = {
         "hidden_size": 32,
         "intermediate_size": 64,
