@@ -349,7 +349,7 @@ def test_disk_and_directories(
         shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6)
     )
     row = the_row(rows_of(packs["deberta_large"]), "free disk")
-    assert row.status == "blocker" and "0.0 GiB free" in row.detail and "checkpoints" in row.subject
+    assert row.status == "blocker" and "1 MiB free" in row.detail and "checkpoints" in row.subject
 
 
 def test_bad_backend_setting(
@@ -506,12 +506,15 @@ def test_fit_stops_before_the_student_loads(
     assert "PreflightError: 1 blocker(s) would stop this fit" in err and "nowhere/eval.jsonl" in err
     assert "BLOCKER  data" in err and "\nok " not in err  # problems only, not the full table
 
-    for skip in (["--preflight=false"], []):
-        if not skip:
-            monkeypatch.setenv("HARMAUG_PREFLIGHT", "0")
+    # skipped: by the option, by the variable, and on a node's other ranks (local rank 0 checks)
+    for flags, variable in [(["--preflight=false"], None), ([], "HARMAUG_PREFLIGHT"), ([], "LOCAL_RANK")]:
+        if variable:
+            monkeypatch.setenv(variable, "0" if variable == "HARMAUG_PREFLIGHT" else "1")
         with pytest.raises(SystemExit):
-            main(["fit", "--config", "cpu_tiny", bad_eval, *skip])
+            main(["fit", "--config", "cpu_tiny", bad_eval, *flags])
         assert "the student was loaded" in capsys.readouterr().err
+        if variable:
+            monkeypatch.delenv(variable)
 
 
 def test_automatic_part_is_silent_when_clean(

@@ -662,7 +662,7 @@ class Preflight:
     # -- directories and disk --------------------------------------------------------------------
     def _directories(self) -> None:
         """Writable run directories and MLflow store; free disk per file system for what will be written."""
-        params = self._student_params
+        params = self._student_params if self.command in (None, "fit") else 0  # checkpoints, export
         export = self.config.get("export") or {}
         formats = set(export.get("formats") or [])
         places: list[tuple[str, str, str, float]] = []  # (label, path, setting, bytes written there)

@@ -50,7 +50,8 @@ class ModelShape:
 
 
 def gb(n: float) -> str:
-    return f"{n / GIB:.1f} GiB"
+    """Bytes for people: GiB with one decimal, MiB below 1 GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 1024**2:.0f} MiB"
 
 
 def visible_gpus() -> list[Device]:
