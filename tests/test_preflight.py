@@ -370,7 +370,9 @@ class EndpointBackend:
         self.url = url
 
     def preflight_rows(self) -> list[Row]:
-        return [Row("endpoint", f"generator {self.url}", "blocker", "connection refused", "start the server")]
+        if "broken" in self.url:
+            raise RuntimeError("a bug in the check")
+        return [Row("endpoint", self.url, "blocker", "connection refused", "start the server")]
 
 
 class SilentBackend:
@@ -379,13 +381,17 @@ class SilentBackend:
 
 
 def test_components_contribute_rows(packs: dict[str, dict[str, Any]], workdir: Path) -> None:
-    node = {"class_path": "tests.test_preflight.EndpointBackend", "init_args": {"url": "http://gpu:8000/v1"}}
-    config = edit(packs["cpu_tiny"], "data.init_args.generator.init_args.backend", node)
-    rows = rows_of(config, quick=True)
-    assert the_row(rows, "endpoint").fix == "start the server"
-    node["class_path"] = "tests.test_preflight.SilentBackend"
-    rows = rows_of(edit(packs["cpu_tiny"], "data.init_args.generator.init_args.backend", node), quick=True)
-    assert "has no preflight_rows()" in the_row(rows, "component").detail
+    def with_backends(class_name: str, url: str) -> dict[str, Any]:
+        node = {"class_path": f"tests.test_preflight.{class_name}", "init_args": {"url": url}}
+        config = edit(packs["cpu_tiny"], "data.init_args.generator.init_args.backend", node)
+        return edit(config, "data.init_args.responder.init_args.backend", node)
+
+    rows = rows_of(with_backends("EndpointBackend", "http://gpu:8000/v1"), quick=True)
+    assert the_row(rows, "endpoint").fix == "start the server"  # one row for the two stages sharing it
+    rows = rows_of(with_backends("EndpointBackend", "http://broken"), quick=True)
+    assert "preflight_rows() raised RuntimeError" in the_row(rows, "component", "generator").detail
+    rows = rows_of(with_backends("SilentBackend", "http://gpu:8000/v1"), quick=True)
+    assert "has no preflight_rows()" in the_row(rows, "component", "responder").detail
 
 
 # -- the hub, when reachable (answers faked; nothing leaves the machine) ------------------------------

@@ -601,7 +601,7 @@ class Preflight:
             self.add("component", f"{role} {name}", "warn", f"{name} has no preflight_rows(): not checked")
             return
         try:
-            self.rows.extend(rows_of())
+            rows = list(rows_of())
         except Exception as err:
             self.add(
                 "component",
@@ -609,6 +609,8 @@ class Preflight:
                 "blocker",
                 f"{name}.preflight_rows() raised {type(err).__name__}: {err}",
             )
+            return
+        self.rows.extend(row for row in rows if row not in self.rows)  # stages sharing an endpoint: once
 
     # -- data sets -------------------------------------------------------------------------------
     def _data_sets(self) -> None:
