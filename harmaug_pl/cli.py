@@ -188,10 +188,10 @@ class HarmAugCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """The automatic preflight, on the parsed configuration: the student loads when its module is
-        built, so a check after instantiation would come after the failure it should prevent. A
-        node's first rank checks for all its ranks (the others start from its launcher, or together)."""
-        skipped = os.environ.get(PREFLIGHT_ENV, "1") == "0" or os.environ.get("LOCAL_RANK", "0") != "0"
-        if self.subcommand not in PREFLIGHT_COMMANDS or skipped:
+        built, so a check after instantiation would come after the failure it should prevent. Every
+        rank checks (its own node's caches and disks), so under SLURM all ranks stop alike instead of
+        the others waiting for a rank that exited."""
+        if self.subcommand not in PREFLIGHT_COMMANDS or os.environ.get(PREFLIGHT_ENV, "1") == "0":
             return
         config = self.config[self.subcommand]
         if config.get("preflight", True):
