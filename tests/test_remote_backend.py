@@ -611,3 +611,50 @@ def test_transformers_serve_refuses_what_it_cannot_do_at_once(transformers_serve
         assert refused.status_code in (400, 422), (path, refused.text)
     chat_only.close()
     teacher.close()
+
+
+# -- preflight ---------------------------------------------------------------------------------------
+
+
+def _teacher_config(url: str, tokenizer: Path, **backend_args: object) -> dict:
+    """A pack's data section with only a Llama-Guard teacher on an endpoint (nothing else to check)."""
+    backend_node = {
+        "class_path": "harmaug_pl.backends.OpenAICompatibleBackend",
+        "init_args": {"base_url": url, "model": "guard-alias", "tokenizer": str(tokenizer), **backend_args},
+    }
+    teacher = {"class_path": "harmaug_pl.teacher.LlamaGuardTeacher", "init_args": {"backend": backend_node}}
+    data = {"class_path": "harmaug_pl.data.datamodule.HarmAugDataModule", "init_args": {"teacher": teacher}}
+    return {"data": data}
+
+
+def test_preflight_rows_for_a_teacher_endpoint(
+    guard_url: str, tiny_guard: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harmaug_pl.preflight.checks import Preflight
+
+    def rows(config: dict) -> dict[str, tuple[str, str]]:
+        found = Preflight(config, command="augment")
+        found._stages()
+        return {row.what: (row.status, row.detail) for row in found.rows}
+
+    good = rows(_teacher_config(guard_url, tiny_guard))
+    assert good["endpoint"] == ("ok", "reachable (vllm); serves org/tiny-guard")
+    assert good["log-probabilities"][0] == "ok" and good["tokenizer"][0] == "ok"
+    assert good["verdict tokens"][0] in ("ok", "warn")  # the teacher's own check, on the local tokenizer
+
+    # a server that cannot return log-probabilities can generate, but not serve a teacher: a blocker
+    text_only = rows(_teacher_config(guard_url, tiny_guard, server="openai"))
+    assert text_only["log-probabilities"][0] == "blocker"
+    assert "the teacher needs them" in text_only["log-probabilities"][1]
+
+    absent_config = _teacher_config(guard_url, tiny_guard)
+    absent_config["data"]["init_args"]["teacher"]["init_args"]["backend"]["init_args"]["model"] = "other"
+    absent = rows(absent_config)
+    assert absent["endpoint"][0] == "blocker" and "log-probabilities" not in absent
+
+    down = rows(_teacher_config(f"http://127.0.0.1:{free_port()}/v1", tiny_guard, timeout=2.0))
+    assert down["endpoint"][0] == "blocker" and "connection failed" in down["endpoint"][1]
+
+    monkeypatch.delenv("UNSET_PREFLIGHT_KEY", raising=False)
+    nokey = rows(_teacher_config(guard_url, tiny_guard, api_key_env="UNSET_PREFLIGHT_KEY"))
+    assert nokey == {"API key": ("blocker", "UNSET_PREFLIGHT_KEY (api_key_env) is not set")}

@@ -537,6 +537,9 @@ class Preflight:
             backend = self._build(args.get("backend"), f"{prefix}.init_args.backend")
             if backend is None:
                 return
+            if not isinstance(backend, (TransformersBackend, VLLMBackend)):
+                self._endpoint_teacher(class_of(node)(**args | {"backend": backend}), prefix)
+                return
             local = self._llm(
                 "teacher", backend, f"{prefix}.init_args.backend", int(args.get("batch_size", 8)), 1
             )
@@ -563,6 +566,22 @@ class Preflight:
             self._contributed(teacher, "teacher")
             if getattr(teacher, "backend", None) is not None:
                 self._contributed(teacher.backend, "teacher backend")
+
+    def _endpoint_teacher(self, teacher: Any, prefix: str) -> None:
+        """A teacher on a backend that checks itself (a remote endpoint): its rows, then what a teacher
+        needs on top: log-probabilities from the server and verdict words that are distinct tokens."""
+        rows = self._contributed(teacher.backend, "teacher")
+        for row in rows:
+            if row.what == "log-probabilities" and row.status != "ok":
+                self.add(
+                    "log-probabilities",
+                    row.subject,
+                    "blocker",
+                    f"the teacher needs them: {row.detail}",
+                    row.fix,
+                )
+        if any(row.what == "tokenizer" and row.status == "ok" for row in rows):
+            self._verdict_tokens(teacher, teacher.backend.model_id, prefix)
 
     def _verdict_tokens(self, teacher: Any, ref: str, prefix: str) -> None:
         """The teacher's own check (distinct first tokens) on its tokenizer; one token each is best."""
@@ -593,13 +612,13 @@ class Preflight:
         else:
             self.add("verdict tokens", subject, "ok", f"{detail}: single, distinct tokens")
 
-    def _contributed(self, component: Any, role: str) -> None:
-        """Rows that a backend or teacher harmaug-pl does not know gives about itself."""
+    def _contributed(self, component: Any, role: str) -> list[Row]:
+        """Rows that a backend or teacher harmaug-pl does not know gives about itself (also returned)."""
         name = type(component).__name__
         rows_of = getattr(component, "preflight_rows", None)
         if rows_of is None:
             self.add("component", f"{role} {name}", "warn", f"{name} has no preflight_rows(): not checked")
-            return
+            return []
         try:
             rows = list(rows_of())
         except Exception as err:
@@ -609,8 +628,9 @@ class Preflight:
                 "blocker",
                 f"{name}.preflight_rows() raised {type(err).__name__}: {err}",
             )
-            return
+            return []
         self.rows.extend(row for row in rows if row not in self.rows)  # stages sharing an endpoint: once
+        return rows
 
     # -- data sets -------------------------------------------------------------------------------
     def _data_sets(self) -> None:
