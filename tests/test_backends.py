@@ -189,8 +189,11 @@ def test_load_errors_name_the_model_and_the_fix(tmp_path: Path, tiny_llama: Path
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((tiny_llama / "config.json").read_text())
-    (pickled / "pytorch_model.bin").write_bytes(b"placeholder, never unpickled")
-    with pytest.raises(ModelLoadError, match=r"Only \*\.safetensors weights are loaded"):
+    (pickled / "pytorch_model.bin").write_bytes(b"placeholder, not a pickle")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin is not a readable PyTorch weights file"):
+        load_causal_lm(str(pickled))  # a .bin is read with weights_only=True (tests/test_weight_formats.py)
+    (pickled / "pytorch_model.bin").rename(pickled / "weights.pt")
+    with pytest.raises(ModelLoadError, match=r"Weights load from: model.safetensors .*pytorch_model.bin"):
         load_causal_lm(str(pickled))
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a .gguf file"):

@@ -107,8 +107,12 @@ def save_tiny_llama(
     return path
 
 
-def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer."""
+def save_tiny_deberta(path: Path, seed: int = 0, weights: str = "safetensors") -> Path:
+    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer.
+
+    ``weights="bin"`` writes only ``pytorch_model.bin`` (a plain ``torch.save`` of the state dict), as
+    the DeBERTa-v3 hub repos ship; transformers 5 itself only writes safetensors.
+    """
     import torch
 
     torch.manual_seed(seed)
@@ -125,6 +129,21 @@ def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
         num_labels=2,
     )
-    DebertaV2ForSequenceClassification(config).save_pretrained(path)
+    model = DebertaV2ForSequenceClassification(config)
+    model.save_pretrained(path)
+    if weights == "bin":
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
     tok.save_pretrained(path)
     return path
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0" * 40) -> Path:
+    """Copy a saved model into a Hugging Face hub cache as ``repo_id`` at ``main`` (the layout
+    huggingface_hub reads offline: ``models--org--name/{refs/main, snapshots/<revision>/...}``)."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return Path(shutil.copytree(folder, repo / "snapshots" / revision, dirs_exist_ok=True))
