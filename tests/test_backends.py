@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -113,23 +112,6 @@ def test_next_token_logprobs_match_hand_computation_and_batching(backend, tiny_l
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="outside the vocabulary"):
         backend.next_token_logprobs([CHATS[1]], [10**6], add_generation_prompt=True)
-
-
-def test_left_truncation_keeps_the_end_and_warns_once(tiny_llama: Path, caplog) -> None:
-    backend = TransformersBackend(str(tiny_llama), max_input_tokens=8)
-    tokenizer, model = _raw(tiny_llama)
-    rendered = tokenizer.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    assert ids.shape[1] > 8
-    with torch.no_grad():
-        expected = torch.log_softmax(model(ids[:, -8:]).logits[0, -1], -1)[[5, 6]]
-    with caplog.at_level(logging.WARNING):
-        got = backend.next_token_logprobs([CHATS[0]], [5, 6], add_generation_prompt=True)
-        backend.next_token_logprobs([CHATS[0]], [5, 6], add_generation_prompt=True)
-    backend.close()
-    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
-    warnings = [r for r in caplog.records if "max_input_tokens=8" in r.getMessage()]
-    assert len(warnings) == 1 and f"longest {ids.shape[1]} tokens" in warnings[0].getMessage()
 
 
 def test_backends_share_one_model_until_the_last_closes(tiny_llama: Path) -> None:
