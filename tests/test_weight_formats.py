@@ -22,6 +22,7 @@ from harmaug_pl.models import load_sequence_classifier, weight_format
 from harmaug_pl.module import DistillationModule
 from tests.test_datamodule import tiny_datamodule
 from tests.test_module import Recorder, tiny_trainer
+from tests.test_safe_loading import _Payload  # unpickling it would create a marker file
 from tests.tiny_models import put_in_hub_cache, save_tiny_deberta
 
 
@@ -49,16 +50,6 @@ def test_weight_format_policy(names: list[str], expected: str | None) -> None:
 def bin_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny DeBERTa-v2 folder holding only pytorch_model.bin (no safetensors)."""
     return save_tiny_deberta(tmp_path_factory.mktemp("bin_student"), seed=3, weights="bin")
-
-
-class _Payload:
-    """Unpickling this would create ``path``: the proof that a loader ran code from a file."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple:
-        return (Path.touch, (self.path,))
 
 
 def test_a_bin_only_student_loads_its_own_weights_and_trains_a_step(

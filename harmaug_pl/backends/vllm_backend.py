@@ -43,7 +43,7 @@ from harmaug_pl.models import resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'harmaug-pl[vllm]'"
+INSTALL_HINT = "bash scripts/install.sh --gpu (vllm and its torch, pinned), or pip install 'harmaug-pl[vllm]'"
 # Variables a DDP launcher (Lightning, torchrun) sets; vLLM would read them as its own topology.
 _LAUNCHER_VARIABLES = (
     "RANK",
