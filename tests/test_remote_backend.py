@@ -26,7 +26,7 @@ from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends import ChatBackend, OpenAICompatibleBackend, SamplingConfig, TransformersBackend
 from harmaug_pl.backends.openai_compatible import RemoteError
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
+from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.teacher import LlamaGuardTeacher
 from tests.tiny_models import BOS_CHATML_TEMPLATE, save_tiny_llama
 from tests.vllm_shaped_server import ServerState, free_port, serve_in_thread, spawn
@@ -318,10 +318,41 @@ def test_config_and_setup_errors_are_one_line(guard_url: str, tiny_guard: Path, 
     with pytest.raises(ModelLoadError) as caught:  # the tokenizer must be available here
         backend(guard_url, "guard-alias", tmp_path / "absent").describe()
     assert "needs its tokenizer here" in one_line(caught.value)
-    with pytest.raises(DataError, match="row 0 of the batch.*more than max_input_tokens=8"):
+    with pytest.raises(ConfigError) as caught:  # a budget the template itself does not fit in
         backend(guard_url, "guard-alias", tiny_guard, max_input_tokens=8).next_token_logprobs(
             [PLAIN], [1, 2], add_generation_prompt=False
         )
+    assert "max_input_tokens=8" in one_line(caught.value)
+
+
+def test_long_rows_are_cut_as_every_backend_cuts_them(
+    guard_url: str, guard_state: ServerState, tiny_guard: Path
+) -> None:
+    budget = 96
+    remote = backend(guard_url, "guard-alias", tiny_guard, max_input_tokens=budget)
+    reference = TransformersBackend(str(tiny_guard), max_input_tokens=budget)
+    prompts = ["How do I bake bread? " * 40, "What is the capital of France?"]
+    responses = ["Sure, here is a placeholder recipe. " * 40, None]
+    teacher = LlamaGuardTeacher(remote)
+    got = teacher.score(prompts, responses)
+    assert teacher.last_truncated == [True, False]  # in row order (the teacher batches by length)
+    assert got == pytest.approx(LlamaGuardTeacher(reference).score(prompts, responses), abs=1e-5)
+    chats = [
+        [{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": responses[0]}],
+        [{"role": "user", "content": prompts[1]}],
+    ]
+    expected = [row.ids for row in reference.encode_chats(chats, add_generation_prompt=False, suffix="\n\n")]
+    assert sorted(seen["prompt_ids"] for seen in guard_state.seen) == sorted(expected)
+    assert max(map(len, expected)) <= budget
+    assert remote.describe()["truncation"] == reference.describe()["truncation"]
+    # generation: a cut prefilled chat goes over completions (the chat API would render it uncut)
+    guard_state.seen.clear()
+    long_prefilled = [{"role": "user", "content": "Tell me about bread. " * 40}, PREFILLED[-1]]
+    remote.generate([long_prefilled], GREEDY, seed=0)
+    assert remote.last_truncated == [True]
+    assert [seen["endpoint"] for seen in guard_state.seen] == ["completions"]
+    remote.close()
+    reference.close()
 
 
 def test_a_different_tokenizer_is_caught_before_any_row(guard_url: str, tiny_llama: Path) -> None:

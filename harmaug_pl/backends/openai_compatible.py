@@ -50,7 +50,7 @@ import torch
 
 from harmaug_pl.backends.base import Chat, SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend, _cut_at_stop
-from harmaug_pl.errors import ConfigError, DataError, HarmAugError, ModelLoadError
+from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
 from harmaug_pl.preflight import Row
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,7 @@ class _Prompt:
 
     text: str
     ids: list[int]
+    truncated: bool = False
 
 
 def _row(index: int, chat: Chat) -> str:
@@ -432,6 +433,7 @@ class OpenAICompatibleBackend:
                 "chat_template_sha256": template["chat_template_sha256"],
                 "system_prompt": template["system_prompt"],
                 "max_input_tokens": template["max_input_tokens"],
+                "truncation": template["truncation"],
                 "generation_api": self.generation_api,
             }
         return self._identity
@@ -513,21 +515,23 @@ class OpenAICompatibleBackend:
     ) -> list[_Prompt]:
         """Every chat rendered and tokenized here exactly as :class:`TransformersBackend` does.
 
-        The one place where prompts are fitted to ``max_input_tokens``: a longer prompt is an error
-        naming the row (no cut), until the shared truncation (issue on content truncation) plugs in here.
+        Rows over ``max_input_tokens`` lose part of their message contents, the template kept whole
+        (:mod:`harmaug_pl.backends.rendering`, the rule every backend follows); :attr:`last_truncated`
+        says which. A cut row's text is its ids decoded: the server's chat API would render it uncut.
         """
-        tokenizer = self.tokenizer
+        rendered = self.templates.encode_chats(
+            chats, add_generation_prompt=add_generation_prompt, suffix=suffix
+        )
         texts = self.templates.render(chats, add_generation_prompt=add_generation_prompt, suffix=suffix)
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        limit = self.templates.max_input_tokens
-        for index, row in enumerate(ids):
-            if len(row) > limit:
-                raise DataError(
-                    f"{_row(index, chats[index])} renders to {len(row)} tokens, more than max_input_tokens="
-                    f"{limit} of model {self.model!r}; raise max_input_tokens (within the server's "
-                    "max_model_len) or shorten the row"
-                )
-        return [_Prompt(text, list(row)) for text, row in zip(texts, ids)]
+        return [
+            _Prompt(self.tokenizer.decode(row.ids) if row.truncated else text, row.ids, row.truncated)
+            for text, row in zip(texts, rendered)
+        ]
+
+    @property
+    def last_truncated(self) -> list[bool]:
+        """Per chat of the latest generate/next_token_logprobs call: were its contents cut to fit?"""
+        return self.templates.last_truncated
 
     def _payload(self, prompt: _Prompt, row: str) -> list[int] | str:
         """What ``/completions`` gets as ``prompt``: the token ids, or a text the server reads as them.
@@ -618,8 +622,9 @@ class OpenAICompatibleBackend:
         if not chats:
             return []
         chats = self._with_system(chats)
-        routes = [self._route(chat) for chat in chats]
         prompts = self.prompts(chats)
+        # a cut row goes over completions: the chat API would render the uncut chat
+        routes = ["completions" if p.truncated else self._route(chat) for chat, p in zip(chats, prompts)]
         rows = [_row(i, chat) for i, chat in enumerate(chats)]
         payloads = [
             self._payload(prompt, row) if route == "completions" else None
