@@ -107,9 +107,14 @@ def save_tiny_llama(
     return path
 
 
-def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer."""
+def save_tiny_deberta(path: Path, seed: int = 0, head: bool = True) -> Path:
+    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer.
+
+    ``head=False`` saves the bare encoder, as base models on the hub are: a sequence classifier
+    loaded from it gets a new, untrained head.
+    """
     import torch
+    from transformers import DebertaV2Model
 
     torch.manual_seed(seed)
     tok = build_tokenizer(chat_template=None, encoder=True)
@@ -125,6 +130,6 @@ def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
         num_labels=2,
     )
-    DebertaV2ForSequenceClassification(config).save_pretrained(path)
+    (DebertaV2ForSequenceClassification if head else DebertaV2Model)(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
