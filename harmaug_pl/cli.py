@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from harmaug_pl import progress
+from harmaug_pl import progress, progress_bar
 from harmaug_pl.callbacks import (
     EvalPlots,
     EvalReporter,
@@ -271,7 +271,7 @@ class HarmAugCLI(LightningCLI):
             list(configured) if isinstance(configured, list) else [configured]
         )  # the Trainer extends it
         trainer = super().instantiate_trainer(**kwargs)
-        progress.use_line_bar_if_no_terminal(trainer, configured)
+        progress_bar.use_line_bar_if_no_terminal(trainer, configured)
         return trainer
 
     def after_fit(self) -> None:

@@ -263,7 +263,7 @@ def test_a_one_class_eval_set_reads_undefined_not_zero(tmp_path: Path, tiny_stud
         enable_model_summary=False,
     )  # fmt: skip
     results = trainer.test(DistillationModule(str(tiny_student)), datamodule=dm, verbose=False)[0]
-    assert "placeholder_safe_only/auprc" not in results and "mean/auprc" not in results
-    assert "placeholder_safe_only/f1" in results
+    assert "test/placeholder_safe_only/auprc" not in results and "test/mean/auprc" not in results
+    assert "test/placeholder_safe_only/f1" in results
     student = reporter.report.rows[0].metrics
     assert student.auprc is None and student.recall is None and student.fpr is not None
