@@ -84,6 +84,17 @@ def test_one_class_set_reports_undefined_metrics_instead_of_crashing() -> None:
     assert "report/placeholder_safe_only/student/auprc" not in report.metrics()
 
 
+def test_a_skipped_eval_set_is_named_in_the_report() -> None:
+    scored = ScoredSet(np.array([0, 1]), np.array([0.2, 0.7]))
+    skipped = {"harmbench": "harmbench (data/harmbench.jsonl): file not found"}
+    text = EvalReport.build({"placeholder": scored}, {}, 0.5, skipped=skipped).to_markdown()
+    assert (
+        "Not measured (unreachable, skipped by data.unavailable_eval_sets: skip): harmbench: harmbench ("
+        in text
+    )
+    assert "Not measured" not in EvalReport.build({"placeholder": scored}, {}, 0.5).to_markdown()
+
+
 def brute_force_f1(target: np.ndarray, scores: np.ndarray) -> float:
     return max(f1_score(target, (scores > t).astype(int)) for t in np.concatenate([[0.0], np.unique(scores)]))
 

@@ -29,7 +29,7 @@ from harmaug_pl.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
-RESERVED_SET_NAMES = frozenset({"val", "mean"})
+RESERVED_SET_NAMES = frozenset({"val", "mean", "test"})
 
 
 class ExampleDataset(Dataset):
@@ -219,7 +219,8 @@ class HarmAugDataModule(L.LightningDataModule):
         if clashing:
             raise ConfigError(
                 f"data.eval_sets: {clashing} cannot name an eval set: {sorted(RESERVED_SET_NAMES)} are the "
-                "metric prefixes of the val split and of the mean over eval sets, and '/' separates a "
+                "metric prefixes of the val split, the mean over eval sets and the test pass, and '/' "
+                "separates a "
                 "set's name from its metric; rename the set"
             )
         self.tokenizer_ref = tokenizer
