@@ -266,10 +266,9 @@ class HarmAugCLI(LightningCLI):
             super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        configured = (
-            list(configured) if isinstance(configured, list) else [configured]
-        )  # the Trainer extends it
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        # a copy: the Trainer appends its default bar to the very list it is given
+        configured = list(callbacks) if isinstance(callbacks, list) else [callbacks]
         trainer = super().instantiate_trainer(**kwargs)
         progress_bar.use_line_bar_if_no_terminal(trainer, configured)
         return trainer

@@ -60,6 +60,8 @@ class LineProgressBar(ProgressBar):
         if task is not None and self._ticker is not None:
             task.postfix = postfix
             self._ticker.emit(task.summary())
+            if self._task is not None:  # the epoch resumes: its rate and ETA leave the pass out
+                self._task.started += task.elapsed()
 
     def _advance(self) -> None:
         if self._task is not None:
@@ -101,8 +103,10 @@ class LineProgressBar(ProgressBar):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._paused = self._task
-        desc = "sanity check" if trainer.sanity_checking else "validate"
-        self._start(desc, self.total_val_batches)
+        if trainer.sanity_checking:
+            self._start("sanity check", sum(trainer.num_sanity_val_batches))
+        else:
+            self._start("validate", sum(trainer.num_val_batches))
 
     def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._advance()
