@@ -235,6 +235,10 @@ class HarmAugCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         progress.configure(self._get(self.config, "progress_every_s", progress.DEFAULT_EVERY_S))
+        if not progress.is_terminal(sys.stderr):  # in a log, transformers' bars are one \r-joined line
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         run_id = self._get(self.config, "run_id")
         if run_id:
             self._log_into_run(str(run_id))

@@ -6,7 +6,7 @@ Rich bar only draws its final state) or a flood of carriage returns (Lightning's
 this module prints one plain line every ``every_s`` seconds instead, on stderr::
 
     generate: 64/192 rows (33%) | 1.21 rows/s | elapsed 0:52 | ETA 1:45
-    train epoch 2/3: 14/28 batches (50%) | 2.10 batches/s | elapsed 0:07 | ETA 0:07 | train/loss=0.412
+    train epoch 2/3: 14/28 batches (50%) | 2.1 batches/s | elapsed 0:07 | ETA 0:07 | train/loss=0.412
 
 plus one line when a task ends. A background thread prints the lines, so a line comes every period
 even while one long batch (a generation batch on CPU can take a minute) is still running.
@@ -105,7 +105,7 @@ class Task:
         rate = self.rate()
         parts = [
             f"{self.desc}: {count}",
-            f"{rate:.2f} {units}/s" if rate is not None else f"-- {units}/s (first batch running)",
+            f"{rate:.3g} {units}/s" if rate is not None else f"-- {units}/s (first batch running)",
             f"elapsed {clock_text(self.elapsed())}",
         ]
         if self.total:
@@ -119,7 +119,7 @@ class Task:
         rate = self.rate()
         text = f"{self.desc}: done, {self.done} {self.units} in {clock_text(self.elapsed())}"
         if rate is not None:
-            text += f" ({rate:.2f} {self.units}/s"
+            text += f" ({rate:.3g} {self.units}/s"
             text += f"; {self.cached} from cache)" if self.cached else ")"
         elif self.cached:
             text += f" (all {self.cached} from cache)"

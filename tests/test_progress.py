@@ -49,9 +49,13 @@ def test_a_line_says_stage_counts_rate_and_eta() -> None:
     task.update(32, cached=True)  # found in the cache: done, but not part of the rate
     clock.now += 10
     task.update(32)
-    assert task.line() == "generate: 64/192 rows (33%, 32 from cache) | 3.20 rows/s | elapsed 0:10 | ETA 0:40"
-    assert task.summary() == "generate: done, 64 rows in 0:10 (3.20 rows/s; 32 from cache)"
+    assert task.line() == "generate: 64/192 rows (33%, 32 from cache) | 3.2 rows/s | elapsed 0:10 | ETA 0:40"
+    assert task.summary() == "generate: done, 64 rows in 0:10 (3.2 rows/s; 32 from cache)"
     assert clock_text(3725) == "1:02:05"
+    slow = Task("respond", 16, "rows", clock=clock)
+    clock.now += 552
+    slow.update(8)
+    assert "| 0.0145 rows/s |" in slow.line()  # a slow stage keeps its digits
 
 
 def slow_compute(batch: list[int], seed: int) -> list[dict]:
