@@ -318,7 +318,9 @@ class EvalReporter(L.Callback):
             ece_bins=self.ece_bins,
             skipped=getattr(datamodule, "eval_skipped", {}),
         )
-        weights = trainer.ckpt_path or "the module's weights in memory (no checkpoint loaded)"
+        ckpt = trainer.ckpt_path
+        weights = str(Path(ckpt).resolve()) if ckpt and Path(ckpt).is_file() else ckpt
+        weights = weights or "the module's weights in memory (no checkpoint loaded)"
         markdown = f"Weights: {weights}\n\n{self.report.to_markdown()}"
         print(markdown)
         logger = mlflow_logger(trainer)
