@@ -127,22 +127,21 @@ class Task:
 
 
 class Ticker:
-    """Prints ``line()`` to ``stream`` every ``every_s`` seconds on a daemon thread until ``stop()``.
+    """Prints ``line()`` to stderr every ``every_s`` seconds on a daemon thread until ``stop()``.
 
     ``line()`` returning None prints nothing that time (no task running).
     """
 
-    def __init__(self, line: Callable[[], str | None], every_s: float, stream: TextIO | None = None) -> None:
+    def __init__(self, line: Callable[[], str | None], every_s: float) -> None:
         self._line = line
         self.every_s = every_s
-        self.stream = stream
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="harmaug-progress", daemon=True)
         self._thread.start()
 
-    def emit(self, text: str) -> None:
-        stream = self.stream or sys.stderr  # looked up late: tests and tools swap sys.stderr
-        print(text, file=stream, flush=True)
+    @staticmethod
+    def emit(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)  # looked up late: tests and tools swap sys.stderr
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
