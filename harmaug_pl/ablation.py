@@ -45,7 +45,7 @@ from harmaug_pl.cli import main as cli_main
 from harmaug_pl.errors import ConfigError, one_line_errors
 from harmaug_pl.evaluation import diversity as diversity_lib
 from harmaug_pl.evaluation.metrics import ScoredSet
-from harmaug_pl.module import metric_collection
+from harmaug_pl.module import binary_metrics
 
 VARIANTS = {"harmaug": True, "kd_only": False}  # variant -> data.augment
 TITLES = {"harmaug": "student (HarmAug)", "kd_only": "student (KD-only)", "teacher": "teacher"}
@@ -154,6 +154,7 @@ def write_override(
         trainer["callbacks"] = [_redirect_checkpoints(entry, run_dir) for entry in callbacks]
     override: dict[str, Any] = {
         "seed_everything": seed,
+        "test_after_fit": False,  # fit_and_test tests the checkpoint --ckpt picks, in a run of its own
         "trainer": trainer,
         "data": {"init_args": {"data_dir": str(data_dir), "augment": augment, "split_seed": seed}},
         "export": {"export_dir": str(run_dir / "student")},
@@ -196,13 +197,6 @@ def teacher_metrics(scored: dict[str, ScoredSet], threshold: float) -> dict[str,
     if out:
         out["mean"] = {k: statistics.fmean(v[k] for v in out.values()) for k in next(iter(out.values()))}
     return out
-
-
-def binary_metrics(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, float]:
-    """AUPRC, F1, precision, recall at ``threshold``: the DistillationModule's own metric code."""
-    metrics = metric_collection(threshold, prefix="")
-    metrics.update(probs.float(), target.long())
-    return {name: float(value) for name, value in metrics.compute().items()}
 
 
 def _mlflow_ids(trainer: L.Trainer) -> dict[str, str] | None:

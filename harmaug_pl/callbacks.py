@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,22 @@ def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
 
 
 class MLflowSaveConfig(SaveConfigCallback):
-    """Log every resolved hyperparameter and the resolved pack YAML to the MLflow run."""
+    """Log every resolved hyperparameter and the resolved pack YAML to the MLflow run.
+
+    A later command that logs into the same run (``harmaug test --run_id``) adds its resolved pack
+    as ``config/pack.<stage>.yaml`` and leaves the parameters as the first command logged them
+    (MLflow parameters cannot change, and ``ckpt_path`` or ``run_id`` differ between commands).
+    """
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         logger = mlflow_logger(trainer)
         if logger is None or trainer.global_rank != 0:
             return
         resolved = self.parser.dump(self.config, skip_none=False)
+        if logger.experiment.get_run(logger.run_id).data.params:
+            name = getattr(stage, "value", stage)  # Lightning passes a str enum
+            logger.experiment.log_text(logger.run_id, resolved, f"config/pack.{name}.yaml")
+            return
         logger.log_hyperparams(self.config.as_dict())
         logger.experiment.log_text(logger.run_id, resolved, "config/pack.yaml")
 
@@ -53,8 +64,35 @@ def log_augmentation_stats(trainer: L.Trainer, stats: dict[str, float | int]) ->
     logger.experiment.log_text(logger.run_id, json.dumps(stats, indent=2), "augment/stats.json")
 
 
+def best_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint a run reports and exports: its ModelCheckpoint's best one (the newest one
+    when it monitors nothing); None when none was saved (no ModelCheckpoint, ``fast_dev_run``)."""
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    return path if path and Path(path).is_file() else None
+
+
+@contextmanager
+def checkpoint_weights(pl_module: L.LightningModule, path: str | None) -> Iterator[None]:
+    """The module holds the weights of checkpoint ``path`` inside the block and its own after it."""
+    if path is None:
+        yield
+        return
+    own = {key: value.detach().to("cpu", copy=True) for key, value in pl_module.state_dict().items()}
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    pl_module.load_state_dict(checkpoint["state_dict"])
+    try:
+        yield
+    finally:
+        pl_module.load_state_dict(own)
+
+
 class StudentExport(L.Callback):
-    """At the end of fit: write the student's guard folder and log it to MLflow.
+    """At the end of fit: write the student's guard folder from the best checkpoint, log it to MLflow.
+
+    The weights are those of :func:`best_checkpoint` (the ones the run's test pass scores with
+    ``test_after_fit``), or the fit's final weights when no checkpoint was saved; the model card's
+    ``weights`` line says which.
 
     The folder (:func:`harmaug_pl.export.write_guard_folder`: safetensors, tokenizer, ``id2label``,
     model card, ``harmaug_guard.json`` with the training max length and threshold) loads with
@@ -85,19 +123,37 @@ class StudentExport(L.Callback):
         log_augmentation_stats(trainer, getattr(trainer.datamodule, "augmentation_stats", {}))
 
     @staticmethod
-    def card(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """What the model card states: base model, teacher, data, the last logged metrics."""
+    def card(
+        trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: str | None = None
+    ) -> dict[str, Any]:
+        """What the model card states: base model, teacher, data, which weights, their metrics.
+
+        From a checkpoint: its monitored score; from the final weights: the last logged metrics.
+        """
         datamodule = trainer.datamodule
         teacher = getattr(getattr(datamodule, "pipeline", None), "teacher", None)
         seed = getattr(datamodule, "seed_data", None)
         data = getattr(seed, "display", "not recorded")
         if hasattr(datamodule, "augment"):
             data += " + HarmAug synthetic rows" if datamodule.augment else " (KD only, no augmentation)"
+        callback = trainer.checkpoint_callback
+        if checkpoint is not None and callback is not None and getattr(callback, "monitor", None):
+            source = f"best checkpoint {Path(checkpoint).name} ({callback.monitor})"
+            score = callback.best_model_score
+            metrics = {f"best {callback.monitor}": float(score)} if score is not None else {}
+        else:
+            source = (
+                f"checkpoint {Path(checkpoint).name} (newest; the ModelCheckpoint monitors nothing)"
+                if checkpoint is not None
+                else "final weights of the fit (no checkpoint was saved)"
+            )
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         return {
             "student_base": pl_module.hparams.get("student", "unknown"),
             "teacher": json.dumps(teacher.describe()) if teacher is not None else "not recorded",
             "data": data,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+            "source": source,
+            "metrics": metrics,
         }
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -110,14 +166,18 @@ class StudentExport(L.Callback):
             max_length=trainer.datamodule.max_length, threshold=pl_module.hparams.get("threshold", 0.5)
         )
         tokenizer = trainer.datamodule.tokenizer
-        write_guard_folder(
-            pl_module.student, tokenizer, self.export_dir, settings, self.card(trainer, pl_module)
-        )
-        if self.formats:
-            reference = Guard.from_model(pl_module.student, tokenizer, settings)
-            export(self.export_dir, reference, formats=("hf", *self.formats))
-            pl_module.student.train(pl_module.training)  # Guard.from_model set eval mode
-        log.info("student exported to %s", self.export_dir)
+        checkpoint = best_checkpoint(trainer)
+        card = self.card(trainer, pl_module, checkpoint)
+        with checkpoint_weights(pl_module, checkpoint):
+            write_guard_folder(pl_module.student, tokenizer, self.export_dir, settings, card)
+            if self.formats:
+                reference = Guard.from_model(pl_module.student, tokenizer, settings)
+                export(self.export_dir, reference, formats=("hf", *self.formats))
+                pl_module.student.train(pl_module.training)  # Guard.from_model set eval mode
+            log.info("student exported to %s (%s)", self.export_dir, card["source"])
+            self._log_to_mlflow(trainer, pl_module.student, tokenizer)
+
+    def _log_to_mlflow(self, trainer: L.Trainer, student: Any, tokenizer: Any) -> None:
         logger = mlflow_logger(trainer)
         if logger is None:
             return
@@ -129,7 +189,7 @@ class StudentExport(L.Callback):
         mlflow.set_tracking_uri(logger._tracking_uri)
         with mlflow.start_run(run_id=logger.run_id):
             mlflow.transformers.log_model(
-                transformers_model={"model": pl_module.student, "tokenizer": tokenizer},
+                transformers_model={"model": student, "tokenizer": tokenizer},
                 name="student",
                 task="text-classification",
                 pip_requirements=["transformers", "torch"],
@@ -227,7 +287,8 @@ class EvalPlots(L.Callback):
 class EvalReporter(L.Callback):
     """After every test run: the evaluation report (student, teacher, published), printed and logged.
 
-    MLflow gets ``report/...`` metrics and ``report/eval_report.md`` / ``report/eval_report.csv``.
+    MLflow gets ``report/...`` metrics and ``report/eval_report.md`` / ``report/eval_report.csv``,
+    and the tag ``eval_report.weights``: the checkpoint the report scores.
     The student is reported at the module's threshold and at its val-calibrated one; the teacher at
     the module's threshold (its hard-label rule), on the same rows.
     """
@@ -255,12 +316,17 @@ class EvalReporter(L.Callback):
             calibrated_threshold=calibrated_threshold(pl_module),
             unlabelled=getattr(datamodule, "eval_unlabelled", {}),
             ece_bins=self.ece_bins,
+            skipped=getattr(datamodule, "eval_skipped", {}),
         )
-        markdown = self.report.to_markdown()
+        ckpt = trainer.ckpt_path
+        weights = str(Path(ckpt).resolve()) if ckpt and Path(ckpt).is_file() else ckpt
+        weights = weights or "the module's weights in memory (no checkpoint loaded)"
+        markdown = f"Weights: {weights}\n\n{self.report.to_markdown()}"
         print(markdown)
         logger = mlflow_logger(trainer)
         if logger is None:
             return
+        logger.experiment.set_tag(logger.run_id, "eval_report.weights", str(weights))
         logger.log_metrics(self.report.metrics(), step=trainer.global_step)
         logger.experiment.log_text(logger.run_id, markdown, "report/eval_report.md")
         logger.experiment.log_text(logger.run_id, self.report.to_csv(), "report/eval_report.csv")

@@ -8,25 +8,33 @@ can be a file path or the bare name of a pack shipped in the wheel (``--config c
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.trainer.states import TrainerStatus
 
+from harmaug_pl import progress, progress_bar
 from harmaug_pl.callbacks import (
     EvalPlots,
     EvalReporter,
     MLflowSaveConfig,
     StudentExport,
+    best_checkpoint,
     log_augmentation_stats,
 )
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
+from harmaug_pl.module import weights_from_checkpoint
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
@@ -121,13 +129,40 @@ def shipped_names() -> list[str]:
     return sorted(path.stem for folder in SHIPPED_CONFIG_DIRS for path in folder.glob("*.yaml"))
 
 
+def is_local_path(ckpt_path: str) -> bool:
+    """A ``--ckpt_path`` that names a local path, not one of Lightning's keywords or a remote URL."""
+    return not (ckpt_path in CKPT_PATH_KEYWORDS or "://" in ckpt_path or ckpt_path.startswith("registry"))
+
+
+def is_checkpoint_file(ckpt_path: Any) -> bool:
+    """A ``--ckpt_path`` naming a file here: the checkpoint the command will load."""
+    return bool(ckpt_path) and is_local_path(str(ckpt_path)) and Path(str(ckpt_path)).expanduser().is_file()
+
+
+def check_run_id(run_id: str, tracking_uri: str | None) -> None:
+    """Name a ``--run_id`` that the logger's tracking store does not hold, before anything runs."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        first_line = next(iter(str(err).strip().splitlines()), "")
+        raise ConfigError(
+            f"--run_id {run_id}: no such MLflow run in {tracking_uri} ({first_line}); give the id of a "
+            "run in the pack's trainer.logger tracking_uri (mlflow ui shows it under the run's name)"
+        ) from err
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"--run_id {run_id}: that MLflow run is deleted in {tracking_uri}")
+
+
 def check_checkpoint(ckpt_path: str) -> None:
     """Name a missing or cut-off ``--ckpt_path`` file before torch fails on it with a zip-reader error.
 
     A run killed while Lightning writes a checkpoint leaves a truncated file: resume from the one
     before it. Lightning's keywords (``last``, ``best``, ...) and remote URLs are left to Lightning.
     """
-    if ckpt_path in CKPT_PATH_KEYWORDS or "://" in ckpt_path or ckpt_path.startswith("registry"):
+    if not is_local_path(ckpt_path):
         return
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
@@ -148,7 +183,8 @@ def check_checkpoint(ckpt_path: str) -> None:
 
 
 class HarmAugCLI(LightningCLI):
-    """LightningCLI with the HarmAug defaults: MLflow, student export, plots, ``augment``."""
+    """LightningCLI with the HarmAug defaults: MLflow, student export, plots, ``augment``, and
+    ``fit`` that ends with the test pass on the best checkpoint (``test_after_fit``)."""
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """Load ``--ckpt_path`` with ``weights_only=True`` unless the user asks otherwise."""
@@ -185,8 +221,50 @@ class HarmAugCLI(LightningCLI):
                 f"full table) and stop with status 2 on a blocker. {PREFLIGHT_ENV}=0 also skips it."
             ),
         )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help=(
+                "fit only: when training ends, run the test pass on the best checkpoint (the "
+                "ModelCheckpoint's best_model_path; the final weights if none was saved) in the same "
+                "process and MLflow run: report, teacher row, plots. Every shipped pack sets it true; "
+                "--test_after_fit=false gives a plain fit."
+            ),
+        )
+        parser.add_argument(
+            "--run_id",
+            type=str | None,
+            default=None,
+            help=(
+                "log into this existing MLflow run (its id, as mlflow ui shows it) instead of starting a "
+                "new one, e.g. `harmaug test --config <pack> --ckpt_path <ckpt> --run_id <id of the fit "
+                "run>`; needs an MLFlowLogger as trainer.logger (sets its run_id)."
+            ),
+        )
+        parser.add_argument(
+            "--progress_every_s",
+            type=float,
+            default=progress.DEFAULT_EVERY_S,
+            help=(
+                "seconds between progress lines when the output is not a terminal (a file, a CI log): "
+                "generation, responses, labelling and training each print one line per period."
+            ),
+        )
 
     def before_instantiate_classes(self) -> None:
+        """Progress lines and ``--run_id`` from the parsed configuration, then the automatic preflight."""
+        progress.configure(self._get(self.config, "progress_every_s", progress.DEFAULT_EVERY_S))
+        if not progress.is_terminal(sys.stderr):  # in a log, transformers' bars are one \r-joined line
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+        run_id = self._get(self.config, "run_id")
+        if run_id:
+            self._log_into_run(str(run_id))
+        self._preflight()
+
+    def _preflight(self) -> None:
         """The automatic preflight, on the parsed configuration: the student loads when its module is
         built, so a check after instantiation would come after the failure it should prevent. Every
         rank checks (its own node's caches and disks), so under SLURM all ranks stop alike instead of
@@ -199,11 +277,62 @@ class HarmAugCLI(LightningCLI):
 
             automatic_check(config.as_dict(), self.subcommand)
 
+    def _log_into_run(self, run_id: str) -> None:
+        """Point the pack's MLFlowLogger at ``run_id`` (checked to exist first)."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        loggers = config.trainer.logger
+        entries = loggers if isinstance(loggers, list) else [loggers]
+        mlflow_entries = [
+            entry
+            for entry in entries
+            if isinstance(entry, Namespace) and str(entry.get("class_path", "")).endswith("MLFlowLogger")
+        ]
+        if not mlflow_entries:
+            raise ConfigError(
+                f"--run_id {run_id}: the pack's trainer.logger is not an MLFlowLogger ({loggers!r}), so "
+                "there is no MLflow run to log into"
+            )
+        for entry in mlflow_entries:
+            check_run_id(run_id, entry.init_args.get("tracking_uri"))
+            entry.init_args.run_id = run_id
+
+    def instantiate_classes(self) -> None:
+        """With ``--ckpt_path`` naming a checkpoint file, the module is built without base weights
+        (the checkpoint sets them all; see :func:`harmaug_pl.module.weights_from_checkpoint`)."""
+        from_checkpoint = is_checkpoint_file(self._get(self.config, "ckpt_path"))
+        with weights_from_checkpoint() if from_checkpoint else nullcontext():
+            super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        # a copy: the Trainer appends its default bar to the very list it is given
+        configured = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        trainer = super().instantiate_trainer(**kwargs)
+        progress_bar.use_line_bar_if_no_terminal(trainer, configured)
+        return trainer
+
+    def after_fit(self) -> None:
+        """``test_after_fit``: the test pass on the best checkpoint, logged into the fit's MLflow run."""
+        if (
+            not self._get(self.config, "test_after_fit")
+            or self.trainer.state.status != TrainerStatus.FINISHED
+        ):
+            return
+        checkpoint = best_checkpoint(self.trainer)
+        if checkpoint is None:
+            log.warning("test_after_fit: no checkpoint was saved; testing the final weights of the fit")
+        else:
+            log.info("test_after_fit: testing the best checkpoint %s", checkpoint)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=checkpoint, weights_only=True)
+
 
 class _ConfigOnlyCLI(HarmAugCLI):
     """Parses and validates packs exactly as the commands do, and builds nothing (``harmaug check``)."""
 
     def _set_seed(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
         pass
 
     def instantiate_classes(self) -> None:

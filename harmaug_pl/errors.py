@@ -18,6 +18,12 @@ class DataError(HarmAugError):
     """Input data is missing, unreadable or invalid; the message names the file, line/row and field."""
 
 
+class DataUnavailable(DataError):
+    """A data source cannot be reached at all: its local file is absent, or its hub dataset cannot be
+    loaded (offline, gated without access, no such dataset). Not raised for data that is there but
+    bad. An eval set in this state can be skipped (``data.init_args.unavailable_eval_sets: skip``)."""
+
+
 class ConfigError(HarmAugError):
     """A configuration value (pack YAML, CLI flag, constructor argument) is invalid or inconsistent."""
 

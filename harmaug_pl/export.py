@@ -22,7 +22,7 @@ import torch
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
 from harmaug_pl.guard import GUARD_CONFIG, Guard, GuardSettings, model_input_names, require_onnxruntime
-from harmaug_pl.models import load_sequence_classifier, load_tokenizer
+from harmaug_pl.models import build_sequence_classifier, load_sequence_classifier, load_tokenizer
 from harmaug_pl.module import ID2LABEL
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def model_card(card: dict[str, Any], settings: GuardSettings) -> str:
         f"| base model | {card.get('student_base', 'unknown')} |",
         f"| teacher | {card.get('teacher', 'not recorded')} |",
         f"| training data | {card.get('data', 'not recorded')} |",
+        f"| weights | {card.get('source', 'not recorded')} |",
         f"| max length (tokens) | {settings.max_length} (longer inputs are truncated as in training) |",
         f"| threshold | {settings.threshold} |",
         f"| labels | {ID2LABEL} |",
@@ -133,7 +134,7 @@ def from_checkpoint(ckpt_path: str, folder: Path, max_length: int | None) -> Gua
         raise ModelLoadError(
             f"checkpoint {ckpt_path!r} has no hyper_parameters.student: not a DistillationModule checkpoint"
         )
-    student = load_sequence_classifier(
+    student = build_sequence_classifier(  # the checkpoint sets every weight below
         hparams["student"],
         num_labels=2,
         id2label=ID2LABEL,

@@ -335,3 +335,23 @@ def load_causal_lm(ref: str, **kwargs: Any) -> Any:
 def load_sequence_classifier(ref: str, **kwargs: Any) -> Any:
     """A sequence classifier in eval mode (student, classifier teacher)."""
     return load_model("AutoModelForSequenceClassification", ref, **kwargs)
+
+
+def build_sequence_classifier(
+    ref: str, *, dtype: str = "float32", trust_remote_code: bool = False, **kwargs: Any
+) -> Any:
+    """The architecture of ``ref``'s sequence classifier with fresh weights, in eval mode on the CPU.
+
+    For when a checkpoint overwrites every weight right after (``test --ckpt_path``, resuming a
+    fit, ``harmaug export --checkpoint``): loading the base weights first costs time, and
+    transformers then reports the base model's untrained head as ``MISSING``, which reads like a
+    broken checkpoint. ``kwargs`` go to the config (e.g. ``num_labels``).
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _warn_remote_code(ref, trust_remote_code)
+    config = _load(AutoConfig, ref, "config", ("config.json",), trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForSequenceClassification.from_config(
+        config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    return model.eval()

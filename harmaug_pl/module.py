@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, get_args
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
@@ -18,13 +22,31 @@ from torchmetrics.classification import (
 )
 from transformers import get_linear_schedule_with_warmup
 
+from harmaug_pl.augment.rank_sync import all_gather_objects
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.evaluation.metrics import Calibration, ScoredSet, calibrate_threshold
-from harmaug_pl.models import load_sequence_classifier
+from harmaug_pl.models import build_sequence_classifier, load_sequence_classifier
 
 log = logging.getLogger(__name__)
 
 ID2LABEL = {0: "safe", 1: "unsafe"}
+
+_WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
+
+
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Modules built inside this block get their student's architecture only (no base weights).
+
+    The CLI builds the module this way when ``--ckpt_path`` names a checkpoint file: the checkpoint
+    then sets every weight, so loading the base model first would only cost time and print
+    transformers' ``classifier.weight | MISSING`` report for a head the checkpoint has.
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 def distillation_loss(
@@ -56,17 +78,41 @@ def soften(p_unsafe: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.sigmoid(torch.logit(p) / temperature)
 
 
-def metric_collection(threshold: float, prefix: str) -> MetricCollection:
+def metric_collection(threshold: float, prefix: str, sync_on_compute: bool = True) -> MetricCollection:
     """AUPRC (threshold-free, = sklearn average_precision) and F1/P/R at the pack's threshold."""
     return MetricCollection(
         {
-            "auprc": BinaryAveragePrecision(),
-            "f1": BinaryF1Score(threshold=threshold),
-            "precision": BinaryPrecision(threshold=threshold),
-            "recall": BinaryRecall(threshold=threshold),
+            "auprc": BinaryAveragePrecision(sync_on_compute=sync_on_compute),
+            "f1": BinaryF1Score(threshold=threshold, sync_on_compute=sync_on_compute),
+            "precision": BinaryPrecision(threshold=threshold, sync_on_compute=sync_on_compute),
+            "recall": BinaryRecall(threshold=threshold, sync_on_compute=sync_on_compute),
         },
         prefix=prefix,
     )
+
+
+def binary_metrics(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, float]:
+    """AUPRC, F1, precision, recall at ``threshold`` on rows already in this process (no rank sync)."""
+    metrics = metric_collection(threshold, prefix="", sync_on_compute=False)
+    metrics.update(probs.float(), target.long())
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
+TestRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # row index, P(unsafe), label, teacher
+
+
+def merge_rank_rows(per_rank: list[dict[str, TestRows]]) -> dict[str, TestRows]:
+    """Every eval row exactly once, in the data set's order, from every rank's scored rows.
+
+    Under DDP, Lightning's DistributedSampler gives every rank the same number of rows by repeating
+    some: keeping the first copy of each row index drops those repeats, and no rank's share is lost.
+    """
+    merged: dict[str, TestRows] = {}
+    for name in dict.fromkeys(name for rows in per_rank for name in rows):
+        columns = [np.concatenate(parts) for parts in zip(*(rows[name] for rows in per_rank if name in rows))]
+        _, first = np.unique(columns[0], return_index=True)
+        merged[name] = tuple(column[first] for column in columns)  # type: ignore[assignment]
+    return merged
 
 
 class DistillationModule(L.LightningModule):
@@ -75,6 +121,9 @@ class DistillationModule(L.LightningModule):
     Validation dataloaders are ``[val, *eval_sets]`` and test dataloaders ``eval_sets``, in the order
     of ``datamodule.eval_set_names``. On ``val`` the target is the teacher's hard label (agreement
     with the teacher); on eval sets it is the human label. ``mean/*`` averages the eval sets.
+    Test metrics are ``test/<set>/*`` and ``test/mean/*`` (a run that trains and tests keeps both
+    curves apart), computed on every rank's rows gathered and counted once (test batches carry
+    ``row_index``).
 
     After each validation epoch the decision threshold is calibrated on the val split
     (``threshold_calibration``: ``max_f1`` or the lowest threshold with FPR <= ``target_fpr``, against
@@ -112,7 +161,8 @@ class DistillationModule(L.LightningModule):
         if not 0.0 <= target_fpr <= 1.0:
             raise ConfigError(f"model.target_fpr must be in [0, 1], got {target_fpr}")
         self.save_hyperparameters()
-        self.student = load_sequence_classifier(
+        build = build_sequence_classifier if _WEIGHTS_FROM_CHECKPOINT.get() else load_sequence_classifier
+        self.student = build(
             student,
             num_labels=2,
             id2label=ID2LABEL,
@@ -124,12 +174,12 @@ class DistillationModule(L.LightningModule):
         self.val_names: list[str] = []
         self.test_names: list[str] = []
         self.val_metrics = torch.nn.ModuleDict()
-        self.test_metrics = torch.nn.ModuleDict()
         # NaN until a validation epoch calibrated it; saved in checkpoints with the weights
         self.register_buffer("calibrated_threshold", torch.tensor(float("nan")))
         # student/teacher scores and human labels of the last test run, per eval set (plots, reports)
         self.test_outputs: dict[str, ScoredSet] = {}
         self._test_buffers: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        self._test_positions: dict[str, int] = {}
         self._val_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- wiring eval sets ---------------------------------------------------------------------
@@ -138,10 +188,9 @@ class DistillationModule(L.LightningModule):
         eval_names = list(getattr(datamodule, "eval_set_names", []))
         self.val_names = ["val", *eval_names]
         self.test_names = eval_names
-        for names, store in ((self.val_names, self.val_metrics), (self.test_names, self.test_metrics)):
-            for name in names:
-                if name not in store:
-                    store[name] = metric_collection(self.hparams.threshold, prefix=f"{name}/")
+        for name in self.val_names:
+            if name not in self.val_metrics:
+                self.val_metrics[name] = metric_collection(self.hparams.threshold, prefix=f"{name}/")
 
     # -- forward / loss -----------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -190,14 +239,19 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.test_names[dataloader_idx]
-        probs, target = self._update(self.test_metrics, name, batch)
-        teacher = batch["teacher_score"][batch["label"] >= 0]
-        self._test_buffers.setdefault(name, []).append(
-            (probs.detach().cpu(), target.detach().cpu(), teacher.detach().cpu())
-        )
+        probs = self._p_unsafe(batch)
+        index = batch.get("row_index")
+        if index is None:  # a data module without row indices: this rank's positions (no DDP dedup)
+            start = self._test_positions.get(name, 0)
+            index = torch.arange(start, start + len(probs), device=probs.device)
+            self._test_positions[name] = start + len(probs)
+        keep = batch["label"] >= 0  # rows without a human label are not scored
+        columns = (index, probs, batch["label"], batch["teacher_score"])
+        self._test_buffers.setdefault(name, []).append(tuple(c[keep].detach().cpu() for c in columns))
 
     def on_test_epoch_start(self) -> None:
         self._test_buffers = {}
+        self._test_positions = {}
 
     def predict_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
@@ -251,15 +305,40 @@ class DistillationModule(L.LightningModule):
         checkpoint["state_dict"].setdefault("calibrated_threshold", torch.tensor(float("nan")))
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch(self.test_metrics, self.test_names)
-        self.test_outputs = {
-            name: ScoredSet(
-                target=torch.cat([t for _, t, _ in parts]).numpy(),
-                student=torch.cat([p for p, _, _ in parts]).double().numpy(),
-                teacher=torch.cat([s for _, _, s in parts]).double().numpy(),
-            )
+        """Gather every rank's scored rows, count each once, then log ``test/<set>/*`` from them.
+
+        Every rank ends with the same ``test_outputs`` (what the report and plots read on rank 0).
+        """
+        local: dict[str, TestRows] = {
+            name: tuple(torch.cat(column).double().numpy() for column in zip(*parts))  # type: ignore[misc]
             for name, parts in self._test_buffers.items()
         }
+        if self.trainer.world_size > 1 and self._test_positions:
+            log.warning("test batches carry no row_index: rows repeated across ranks are counted twice")
+        rows = merge_rank_rows(all_gather_objects(local))
+        self.test_outputs = {
+            name: ScoredSet(target=target.astype(np.int64), student=student, teacher=teacher)
+            for name, (_, student, target, teacher) in rows.items()
+        }
+        per_metric: dict[str, list[float]] = {}
+        for name in self.test_names:
+            scored = self.test_outputs.get(name)
+            if scored is None or not len(scored.target):
+                log.warning("eval set %r had no labelled rows in this test; skipped", name)
+                continue
+            values = binary_metrics(
+                torch.from_numpy(scored.student), torch.from_numpy(scored.target), self.hparams.threshold
+            )
+            if not scored.target.any():  # AP is > 0 whenever there is an unsafe row
+                log.warning("eval set %r has no unsafe rows: AUPRC undefined, not logged", name)
+                del values["auprc"]
+            for key, value in values.items():
+                self.log(f"test/{name}/{key}", value, rank_zero_only=True, add_dataloader_idx=False)
+                per_metric.setdefault(key, []).append(value)
+        for key, values in per_metric.items():
+            self.log(
+                f"test/mean/{key}", float(np.mean(values)), rank_zero_only=True, add_dataloader_idx=False
+            )
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

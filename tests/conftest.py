@@ -38,6 +38,12 @@ def tiny_student(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DeBERTa-v2 without a classification head, as a base model from the hub is."""
+    return save_tiny_deberta(tmp_path_factory.mktemp("tiny_encoder"), head=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path) -> Path:
     """The tiny student exported as a guard folder with model.onnx and model.int8.onnx beside it."""
     from harmaug_pl.export import export, from_model

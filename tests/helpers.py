@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PLACEHOLDER_UNSAFE = [  # mild, clearly fake test placeholders standing in for harmful prompts
@@ -31,3 +34,24 @@ def keyword_teacher(texts: list[str]) -> list[float]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def transformers_log() -> Iterator[list[str]]:
+    """What transformers logs inside the block (its logger does not propagate to pytest's caplog)."""
+    handler = _Collect()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)

@@ -188,7 +188,7 @@ def test_two_seed_ablation_on_tiny_models(
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     client = mlflow.MlflowClient()
     test_run = client.get_run(runs[("kd_only", 2)]["mlflow"]["test"]["run_id"])
-    assert test_run.data.metrics[f"{set_name}/auprc"] == pytest.approx(values[("kd_only", 2)], abs=1e-6)
+    assert test_run.data.metrics[f"test/{set_name}/auprc"] == pytest.approx(values[("kd_only", 2)], abs=1e-6)
     assert test_run.data.tags["mlflow.parentRunId"] == report["mlflow_parent_run"]
     assert test_run.data.tags["mlflow.runName"] == "kd_only-seed2-test"
     parent = client.get_run(report["mlflow_parent_run"])

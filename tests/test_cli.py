@@ -132,7 +132,7 @@ def test_missing_seed_file_at_setup_is_one_line(
         capsys,
     )  # fmt: skip
     assert code == 2
-    assert_one_line_error(err, "DataError", seed, "not found")
+    assert_one_line_error(err, "DataUnavailable", seed, "not found")
     assert not (workdir / "runs" / "cpu_tiny" / "data" / "cache").exists()
 
 

@@ -6,6 +6,8 @@ points data, checkpoints and MLflow at a tmp dir, exactly as a user layers packs
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -13,7 +15,13 @@ import pytest
 import yaml
 
 from harmaug_pl.cli import main
-from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
+from tests.helpers import (
+    KEYWORD_TEACHER,
+    PLACEHOLDER_SAFE,
+    PLACEHOLDER_UNSAFE,
+    transformers_log,
+    write_jsonl,
+)
 
 
 @pytest.fixture
@@ -87,13 +95,30 @@ def override_pack(workdir: Path, tiny_llama: Path, tiny_student: Path) -> Path:
     return path
 
 
+def run_artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
 @pytest.mark.slow
-def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path, tiny_student: Path) -> None:
-    override = override_pack(workdir, tiny_llama, tiny_student)
+def test_fit_tells_the_whole_story_in_one_mlflow_run(
+    workdir: Path, tiny_llama: Path, tiny_encoder: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """augment, then fit (the pack's test_after_fit): ONE run holds training, report, teacher row,
+    plots and guard; `test --run_id` adds to that run; `--test_after_fit=false` is a plain fit.
+
+    The student is a base encoder without a head: fit reports the new head once (a real warning);
+    `test --ckpt_path` must not (the checkpoint has the head)."""
+    override = override_pack(workdir, tiny_llama, tiny_encoder)
     common = ["--config", "cpu_tiny", "--config", str(override)]
     main(["augment", *common])  # build the set first, as GPU packs do; fit must reuse all of it
     assert (workdir / "data" / "augmented.jsonl").is_file()
-    main(["fit", *common])
+    capfd.readouterr()
+    with transformers_log() as messages:
+        main(["fit", *common])
+    reports = [m for m in messages if "LOAD REPORT" in m]
+    assert len(reports) == 1 and re.search(r"classifier\.weight +\| MISSING", reports[0])  # new head: once
+    out = capfd.readouterr().out
+    assert "teacher @ 0.5 (measured)" in out  # the report of the in-job test pass
 
     # the exported student is a plain HF folder that the text-classification pipeline loads
     from transformers import pipeline
@@ -102,41 +127,81 @@ def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path
     assert classify("how do I bake bread?")[0]["label"] in {"safe", "unsafe"}
     assert (workdir / "student" / "model.safetensors").is_file()
 
-    ckpt = workdir / "ckpt" / "last.ckpt"
-    assert ckpt.is_file()
-    main(["test", *common, "--ckpt_path", str(ckpt)])
-
     mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlruns/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    assert len(runs) == 3  # augment, fit, test
-    augment_run, fit_run, test_run = sorted(runs, key=lambda r: r.info.start_time)
+    client = mlflow.MlflowClient()
+    runs = sorted(
+        mlflow.search_runs(experiment_names=["e2e"], output_format="list"), key=lambda r: r.info.start_time
+    )
+    assert len(runs) == 2  # augment, fit (+ its test pass)
+    augment_run, fit_run = runs
     assert augment_run.data.metrics["augment/computed_generate"] == 6
+    run_id = fit_run.info.run_id
 
     params = fit_run.data.params
-    assert params["model/init_args/alpha"] == "0.5"
-    assert params["data/init_args/augment"] == "True"
+    assert params["model/init_args/alpha"] == "0.5" and params["data/init_args/augment"] == "True"
     metrics = fit_run.data.metrics
-    for key in ("val/auprc", "placeholder_eval/auprc", "placeholder_eval/f1", "mean/auprc", "train/loss"):
-        assert key in metrics, key
-        assert 0.0 <= metrics[key] <= 1.0 or key == "train/loss"
+    for key in (
+        "val/auprc",
+        "placeholder_eval/auprc",
+        "mean/auprc",
+        "test/placeholder_eval/auprc",
+        "test/mean/f1",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert "train/loss" in metrics
     assert metrics["augment/instructions_asked"] == 6
     assert metrics["augment/computed_generate"] == 0 and metrics["augment/cached_generate"] == 6
     assert metrics["augment/computed_label"] == 0
     assert metrics["augment/rows_total"] > 24  # seed rows plus synthetic rows
+    # the report: student and teacher measured on the same rows, in the training's run
+    assert metrics["report/placeholder_eval/teacher/f1"] == 1.0  # the keyword teacher is exact here
+    assert metrics["report/placeholder_eval/student/f1"] == pytest.approx(metrics["test/placeholder_eval/f1"])
 
-    client = mlflow.MlflowClient()
-    artifacts = {a.path for a in client.list_artifacts(fit_run.info.run_id)}
-    assert {"config", "augment"} <= artifacts
-    pack_yaml = yaml.safe_load(
-        Path(client.download_artifacts(fit_run.info.run_id, "config/pack.yaml")).read_text()
-    )
-    assert pack_yaml["model"]["init_args"]["student"] == str(tiny_student)
-    assert pack_yaml["data"]["init_args"]["tokenizer"] == str(tiny_student)  # interpolation resolved
+    assert {"config", "augment", "report", "plots", "guard"} <= run_artifacts(client, run_id)
+    assert run_artifacts(client, run_id, "plots") == {"plots/placeholder_eval.png"}
+    report = Path(client.download_artifacts(run_id, "report/eval_report.md")).read_text()
+    assert "| teacher @ 0.5 (measured) |" in report
+    # the report scores the best checkpoint, and the guard folder holds that checkpoint's weights
+    tested = fit_run.data.tags["eval_report.weights"]
+    assert Path(tested).parent == workdir / "ckpt" and Path(tested).name != "last.ckpt"
+    assert report.startswith(f"Weights: {tested}")
+    card = json.loads(Path(client.download_artifacts(run_id, "guard/card.json")).read_text())
+    assert card["source"] == f"best checkpoint {Path(tested).name} (val/auprc)"  # the pack's monitor
+    assert "guard/model.safetensors" in run_artifacts(client, run_id, "guard")
+    pack_yaml = yaml.safe_load(Path(client.download_artifacts(run_id, "config/pack.yaml")).read_text())
+    assert pack_yaml["model"]["init_args"]["student"] == str(tiny_encoder)
+    assert pack_yaml["data"]["init_args"]["tokenizer"] == str(tiny_encoder)  # interpolation resolved
     logged = mlflow.search_logged_models(experiment_ids=[fit_run.info.experiment_id], output_format="list")
     assert any(m.name == "student" for m in logged)
 
-    test_metrics = test_run.data.metrics
-    assert 0.0 <= test_metrics["placeholder_eval/auprc"] <= 1.0
-    assert "mean/f1" in test_metrics
-    test_artifacts = {a.path for a in client.list_artifacts(test_run.info.run_id, "plots")}
-    assert "plots/placeholder_eval.png" in test_artifacts
+    # `harmaug test` alone, into the same run; no false "MISSING" alarm for the checkpoint's head
+    with transformers_log() as messages:
+        main(["test", *common, "--ckpt_path", str(workdir / "ckpt" / "last.ckpt"), "--run_id", run_id])
+    assert not [m for m in messages if "LOAD REPORT" in m or "MISSING" in m]
+    capfd.readouterr()
+    assert len(mlflow.search_runs(experiment_names=["e2e"], output_format="list")) == 2
+    assert len(client.get_metric_history(run_id, "test/placeholder_eval/auprc")) == 2
+    assert client.get_run(run_id).data.tags["eval_report.weights"] == str(workdir / "ckpt" / "last.ckpt")
+    assert "config/pack.test.yaml" in run_artifacts(client, run_id, "config")
+    assert client.get_run(run_id).data.params == params  # unchanged: MLflow params are write-once
+
+    with pytest.raises(SystemExit):
+        main(["test", *common, "--run_id", "0" * 32])
+    assert f"--run_id {'0' * 32}: no such MLflow run" in capfd.readouterr().err
+
+    # the switch off: a plain fit, no test pass
+    main(
+        [
+            "fit",
+            *common,
+            "--test_after_fit=false",
+            "--trainer.max_epochs=1",
+            f"--export.export_dir={workdir / 'plain'}",
+        ]
+    )
+    plain = max(
+        mlflow.search_runs(experiment_names=["e2e"], output_format="list"), key=lambda r: r.info.start_time
+    )
+    assert plain.info.run_id != run_id and "train/loss" in plain.data.metrics
+    assert not any(key.startswith(("test/", "report/")) for key in plain.data.metrics)
+    assert not {"report", "plots"} & run_artifacts(client, plain.info.run_id)

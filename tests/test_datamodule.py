@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from harmaug_pl.data.datamodule import HarmAugDataModule, PairCollator, stratified_group_split
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError, DataError
+from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
 from harmaug_pl.teacher import CallableTeacher
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
@@ -194,9 +194,10 @@ def test_setup_fit_labels_and_splits_the_seed(tmp_path: Path, tiny_student: Path
     assert test_loaders[1].dataset.examples == dm.eval_rows["alpha"]
     batch = next(iter(test_loaders[0]))
     assert batch["label"].tolist() == [1, 0, 1] and batch["input_ids"].shape[0] == 3
+    assert batch["row_index"].tolist() == [0, 1, 2]  # test rows carry their position (DDP dedup)
 
 
-@pytest.mark.parametrize("name", ["val", "mean", "openai/moderation"])
+@pytest.mark.parametrize("name", ["val", "mean", "test", "openai/moderation"])
 def test_eval_set_names_that_clash_with_metric_keys_are_rejected(
     tmp_path: Path, tiny_student: Path, name: str
 ) -> None:
@@ -245,3 +246,36 @@ def test_eval_set_without_any_label_is_a_data_error(tmp_path: Path, tiny_student
     dm.eval_sources = {"placeholder_unlabelled": DataSource(path=str(path), label_field="toxicity")}
     with pytest.raises(DataError, match="placeholder_unlabelled.*no row has a label"):
         dm.setup("test")
+
+
+# -- eval sets that cannot be reached ------------------------------------------------------------
+def with_missing_eval_set(tmp_path: Path, tiny_student: Path, **kwargs: Any) -> HarmAugDataModule:
+    dm = tiny_datamodule(tmp_path, tiny_student, eval_sizes={"placeholder_eval": 4}, **kwargs)
+    missing = DataSource(path=str(tmp_path / "not_built_yet.jsonl"), label_field="toxicity")
+    dm.eval_sources = {"placeholder_missing": missing, **dm.eval_sources}
+    return dm
+
+
+def test_an_unreachable_eval_set_stops_the_run_before_any_augmentation(
+    tmp_path: Path, tiny_student: Path
+) -> None:
+    dm = with_missing_eval_set(tmp_path, tiny_student)
+    dm.pipeline.teacher.score = None  # labelling (the first stage without augmentation) must not start
+    with pytest.raises(
+        DataUnavailable, match="placeholder_missing.*file not found.*unavailable_eval_sets: skip"
+    ):
+        dm.setup("fit")
+    assert not (tmp_path / "data" / "cache").exists()
+
+
+def test_skip_leaves_an_unreachable_eval_set_out_everywhere(
+    tmp_path: Path, tiny_student: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dm = with_missing_eval_set(tmp_path, tiny_student, unavailable_eval_sets="skip")
+    dm.setup("fit")
+    assert dm.eval_set_names == ["placeholder_eval"] and list(dm.eval_rows) == ["placeholder_eval"]
+    assert len(dm.val_dataloader()) == 2 and len(dm.test_dataloader()) == 1  # val split + the reachable set
+    assert "not_built_yet.jsonl" in dm.eval_skipped["placeholder_missing"]
+    assert "eval set 'placeholder_missing' skipped" in caplog.text
+    with pytest.raises(ConfigError, match="unavailable_eval_sets"):
+        tiny_datamodule(tmp_path, tiny_student, unavailable_eval_sets="ignore")

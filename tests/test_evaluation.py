@@ -84,6 +84,17 @@ def test_one_class_set_reports_undefined_metrics_instead_of_crashing() -> None:
     assert "report/placeholder_safe_only/student/auprc" not in report.metrics()
 
 
+def test_a_skipped_eval_set_is_named_in_the_report() -> None:
+    scored = ScoredSet(np.array([0, 1]), np.array([0.2, 0.7]))
+    skipped = {"harmbench": "harmbench (data/harmbench.jsonl): file not found"}
+    text = EvalReport.build({"placeholder": scored}, {}, 0.5, skipped=skipped).to_markdown()
+    assert (
+        "Not measured (unreachable, skipped by data.unavailable_eval_sets: skip): harmbench: harmbench ("
+        in text
+    )
+    assert "Not measured" not in EvalReport.build({"placeholder": scored}, {}, 0.5).to_markdown()
+
+
 def brute_force_f1(target: np.ndarray, scores: np.ndarray) -> float:
     return max(f1_score(target, (scores > t).astype(int)) for t in np.concatenate([[0.0], np.unique(scores)]))
 
@@ -375,14 +386,10 @@ def test_cli_test_reports_student_and_teacher_measured_in_the_same_run(
     pack["data"]["init_args"]["generator"]["init_args"]["num_instructions"] = 3
     override.write_text(yaml.safe_dump(pack))
     common = ["--config", "cpu_tiny", "--config", str(override)]
-    main(["fit", *common])
-    main(["test", *common, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    main(["fit", *common])  # the pack's test_after_fit: the report goes into the fit's run
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    runs = sorted(
-        mlflow.search_runs(experiment_names=["e2e"], output_format="list"), key=lambda r: r.info.start_time
-    )
-    test_run = runs[-1]
+    (test_run,) = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     metrics = test_run.data.metrics
     # the keyword teacher, scored in this run on the same rows: recall 3/4, no false positives
     assert metrics["report/oai_placeholder/teacher/recall"] == pytest.approx(0.75)
@@ -391,7 +398,7 @@ def test_cli_test_reports_student_and_teacher_measured_in_the_same_run(
     assert metrics["report/oai_placeholder/teacher/fpr"] == 0.0
     assert 0.0 <= metrics["report/oai_placeholder/student/auprc"] <= 1.0
     assert metrics["report/oai_placeholder/student/f1"] == pytest.approx(
-        metrics["oai_placeholder/f1"], abs=1e-6
+        metrics["test/oai_placeholder/f1"], abs=1e-6
     )
     client = mlflow.MlflowClient()
     report = Path(client.download_artifacts(test_run.info.run_id, "report/eval_report.md")).read_text()

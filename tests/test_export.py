@@ -158,7 +158,11 @@ def test_student_export_callback_writes_the_verified_formats(tmp_path: Path, tin
         augment=True,
     )
     trainer = SimpleNamespace(
-        global_rank=0, datamodule=datamodule, loggers=[], callback_metrics={"val/auprc": torch.tensor(0.5)}
+        global_rank=0,
+        datamodule=datamodule,
+        loggers=[],
+        callback_metrics={"val/auprc": torch.tensor(0.5)},
+        checkpoint_callback=None,  # no checkpoint saved: the fit's final weights are exported
     )
     StudentExport(export_dir=str(tmp_path / "student"), formats=["onnx", "int8"]).on_fit_end(trainer, module)
     report = json.loads((tmp_path / "student" / "export_report.json").read_text())["verification"]
@@ -167,6 +171,7 @@ def test_student_export_callback_writes_the_verified_formats(tmp_path: Path, tin
     card = (tmp_path / "student" / "README.md").read_text()
     assert "placeholder seed + HarmAug synthetic rows" in card and "tests.helpers:keyword_teacher" in card
     assert "val/auprc | 0.5000" in card
+    assert "| weights | final weights of the fit (no checkpoint was saved) |" in card
     with pytest.raises(ConfigError, match="export.formats"):
         StudentExport(formats=["tflite"])
 

@@ -15,8 +15,15 @@ from sklearn.metrics import average_precision_score, f1_score, precision_score, 
 from harmaug_pl.callbacks import EvalReporter
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.module import DistillationModule, distillation_loss, metric_collection, soften
-from tests.helpers import PLACEHOLDER_SAFE, write_jsonl
+from harmaug_pl.module import (
+    DistillationModule,
+    distillation_loss,
+    merge_rank_rows,
+    metric_collection,
+    soften,
+    weights_from_checkpoint,
+)
+from tests.helpers import PLACEHOLDER_SAFE, transformers_log, write_jsonl
 from tests.test_datamodule import tiny_datamodule
 
 LOGITS = [[2.0, -1.0], [0.5, 0.5], [-1.0, 3.0], [0.0, 1.0]]
@@ -263,7 +270,38 @@ def test_a_one_class_eval_set_reads_undefined_not_zero(tmp_path: Path, tiny_stud
         enable_model_summary=False,
     )  # fmt: skip
     results = trainer.test(DistillationModule(str(tiny_student)), datamodule=dm, verbose=False)[0]
-    assert "placeholder_safe_only/auprc" not in results and "mean/auprc" not in results
-    assert "placeholder_safe_only/f1" in results
+    assert "test/placeholder_safe_only/auprc" not in results and "test/mean/auprc" not in results
+    assert "test/placeholder_safe_only/f1" in results
     student = reporter.report.rows[0].metrics
     assert student.auprc is None and student.recall is None and student.fpr is not None
+
+
+# -- the test pass across ranks ------------------------------------------------------------------
+def test_rows_repeated_across_ranks_are_counted_once_in_data_set_order() -> None:
+    """7 rows on 2 ranks: DistributedSampler gives rank 0 rows 0,2,4,6 and rank 1 rows 1,3,5 plus
+    row 0 again (padding); the merge keeps each row once."""
+    scores = np.linspace(0.1, 0.7, 7)
+
+    def share(indices: list[int]) -> dict:
+        index = np.array(indices, dtype=float)
+        return {"s": (index, scores[indices], index % 2, 1 - scores[indices])}
+
+    merged = merge_rank_rows([share([0, 2, 4, 6]), share([1, 3, 5, 0])])
+    index, student, target, teacher = merged["s"]
+    assert index.tolist() == list(range(7))
+    assert student.tolist() == pytest.approx(scores.tolist()) and target.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert teacher.tolist() == pytest.approx((1 - scores).tolist())
+
+
+# -- load reports: a real missing head is said, a head the checkpoint brings is not ------------------
+def test_missing_head_is_reported_once_unless_a_checkpoint_brings_it(tiny_encoder: Path) -> None:
+    with transformers_log() as messages:
+        fresh = DistillationModule(str(tiny_encoder))
+    reports = [m for m in messages if "LOAD REPORT" in m]
+    assert len(reports) == 1 and "classifier.weight" in reports[0]
+    with transformers_log() as messages, weights_from_checkpoint():
+        for_checkpoint = DistillationModule(str(tiny_encoder))
+    assert not [m for m in messages if "MISSING" in m]
+    # the same architecture: a checkpoint of one loads strictly into the other
+    for_checkpoint.load_state_dict(fresh.state_dict())
+    assert for_checkpoint.student.training  # ready to train when a fit resumes from the checkpoint

@@ -288,6 +288,18 @@ def test_missing_harmbench_file_and_uncached_hub_dataset(
     assert split.status == "blocker" and "without split 'dev'" in split.detail
 
 
+def test_unreachable_eval_set_is_a_warning_when_the_pack_skips_it(
+    packs: dict[str, dict[str, Any]], offline_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpus(monkeypatch, 80)
+    (Path("data") / "harmbench_classifier_val.jsonl").unlink()
+    skipping = edit(packs["deberta_large"], "data.init_args.unavailable_eval_sets", "skip")
+    harmbench = the_row(rows_of(skipping), "data", "eval set harmbench")
+    assert harmbench.status == "warn" and "the run skips it" in harmbench.detail
+    seed = edit(skipping, "data.init_args.seed_data.path", "data/absent_seed.jsonl")  # seed data still stops
+    assert the_row(rows_of(seed), "data", "seed data").status == "blocker"
+
+
 def test_missing_extras(
     packs: dict[str, dict[str, Any]], offline_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -170,22 +170,18 @@ def tiny_pack(folder: Path, tiny_llama: Path, tiny_student: Path, teacher: str) 
     return path
 
 
+def harmaug(
+    folder: Path, command: str, pack: Path, *ddp: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    argv = [sys.executable, "-m", "harmaug_pl", command, "--config", "cpu_tiny", "--config", str(pack), *ddp]
+    return subprocess.run(argv, cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
+
+
 def augment(
     folder: Path, pack: Path, *ddp: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [
-        sys.executable,
-        "-m",
-        "harmaug_pl",
-        "augment",
-        "--config",
-        "cpu_tiny",
-        "--config",
-        str(pack),
-        *ddp,
-    ]
-    return subprocess.run(command, cwd=folder, env=environment, capture_output=True, text=True, timeout=300)
+    return harmaug(folder, "augment", pack, *ddp, env=env)
 
 
 DDP = ("--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2")
@@ -229,3 +225,34 @@ def test_a_failing_rank_stops_the_other_at_once_with_its_message(
     assert done.returncode != 0
     assert "PeerRankFailed: rank 0 failed: RuntimeError: placeholder failure on rank 0" in done.stderr
     assert elapsed < 240
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_test_every_eval_row_exactly_once(
+    tmp_path: Path, tiny_llama: Path, tiny_student: Path
+) -> None:
+    """7 eval rows on 2 ranks: Lightning's DistributedSampler gives each rank 4 (one row twice). The
+    report must count the 7 rows once each, as one process does, not rank 0's share nor 8 rows."""
+    evals = write_jsonl(
+        tmp_path / "eval.jsonl",
+        [{"prompt": p + " please", "toxicity": 1} for p in PLACEHOLDER_UNSAFE]
+        + [{"prompt": p + " please", "toxicity": 0} for p in PLACEHOLDER_SAFE[:3]],
+    )
+    tables = {}
+    for name, args in (("single", ()), ("ddp", DDP)):
+        folder = tmp_path / name
+        folder.mkdir()
+        pack_path = tiny_pack(folder, tiny_llama, tiny_student, KEYWORD_TEACHER)
+        pack = yaml.safe_load(pack_path.read_text())
+        pack["data"]["init_args"]["eval_batch_size"] = 2
+        pack["data"]["init_args"]["eval_sets"] = {
+            "placeholder_eval": {"path": str(evals), "label_field": "toxicity", "drop_duplicates": False}
+        }
+        pack_path.write_text(yaml.safe_dump(pack))
+        done = harmaug(folder, "test", pack_path, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        tables[name] = [line for line in done.stdout.splitlines() if line.startswith("| placeholder_eval |")]
+    assert len(tables["single"]) == 2  # student and teacher (no calibrated threshold before a fit)
+    for row in tables["single"]:
+        assert row.split(" | ")[3:5] == ["7", "4"]  # n rows, n unsafe
+    assert tables["ddp"] == tables["single"]

@@ -159,13 +159,16 @@ def save_tiny_llama(
     return path
 
 
-def save_tiny_deberta(path: Path, seed: int = 0, weights: str = "safetensors") -> Path:
+def save_tiny_deberta(path: Path, seed: int = 0, weights: str = "safetensors", head: bool = True) -> Path:
     """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer.
 
     ``weights="bin"`` writes only ``pytorch_model.bin`` (a plain ``torch.save`` of the state dict), as
-    the DeBERTa-v3 hub repos ship; transformers 5 itself only writes safetensors.
+    the DeBERTa-v3 hub repos ship; transformers 5 itself only writes safetensors. ``head=False`` saves
+    the bare encoder, as base models on the hub are: a sequence classifier loaded from it gets a new,
+    untrained head.
     """
     import torch
+    from transformers import DebertaV2Model
 
     torch.manual_seed(seed)
     tok = build_tokenizer(chat_template=None, encoder=True)
@@ -181,7 +184,7 @@ def save_tiny_deberta(path: Path, seed: int = 0, weights: str = "safetensors") -
         pad_token_id=tok.pad_token_id,
         num_labels=2,
     )
-    model = DebertaV2ForSequenceClassification(config)
+    model = (DebertaV2ForSequenceClassification if head else DebertaV2Model)(config)
     model.save_pretrained(path)
     if weights == "bin":
         torch.save(model.state_dict(), path / "pytorch_model.bin")

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock
-from tqdm.auto import tqdm
 
 from harmaug_pl.errors import ConfigError, HarmAugError
+from harmaug_pl.progress import stage_progress
 
 log = logging.getLogger(__name__)
 
@@ -268,14 +268,15 @@ def run_stage(
     mine = chunks[rank::world_size]
     computed = cached = 0
     seconds = 0.0
-    with tqdm(
-        total=sum(len(c) for c in mine), desc=desc or stage, unit="row", disable=True if rank > 0 else None
-    ) as bar:
+    label = (desc or stage) + (f" (rank 0's share of {world_size} ranks)" if world_size > 1 else "")
+    with stage_progress(sum(len(c) for c in mine), label, enabled=rank == 0) as bar:
         for chunk in mine:
             chunk_keys = [keys[i] for i in chunk]
             missing = [n for n, key in enumerate(chunk_keys) if key not in store]
             cached += len(chunk) - len(missing)
-            if missing:
+            if not missing:
+                bar.update(len(chunk), cached=True)
+            else:
                 started = time.perf_counter()
                 values = compute([items[i] for i in chunk], derive_seed(seed, stage, chunk_keys))
                 seconds += time.perf_counter() - started
@@ -288,7 +289,7 @@ def run_stage(
                     new.setdefault(chunk_keys[n], values[n])
                 store.append(list(new.items()))
                 computed += len(missing)
-            bar.update(len(chunk))
+                bar.update(len(chunk))
     barrier()
     store.refresh()
     absent = sorted({i for i, key in enumerate(keys) if key not in store})

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from harmaug_pl.errors import ConfigError, HarmAugError
 
 Gather = Callable[[str | None], list[str | None]]
+T = TypeVar("T")
 
 
 class PeerRankFailed(HarmAugError):
@@ -30,12 +32,18 @@ def _torch_gather(world_size: int) -> Gather:
             "share the work; start the run through the Trainer (fit/augment) or torchrun"
         )
 
-    def gather(status: str | None) -> list[str | None]:
-        statuses: list[str | None] = [None] * world_size
-        dist.all_gather_object(statuses, status)
-        return statuses
+    return all_gather_objects
 
-    return gather
+
+def all_gather_objects(value: T) -> list[T]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[T] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 class RankSync:

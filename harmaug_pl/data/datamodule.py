@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -19,17 +19,17 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
-from harmaug_pl.augment.rank_sync import RankSync
+from harmaug_pl.augment.rank_sync import RankSync, all_gather_objects
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError, DataError
+from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
 from harmaug_pl.models import load_tokenizer
 from harmaug_pl.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
-RESERVED_SET_NAMES = frozenset({"val", "mean"})
+RESERVED_SET_NAMES = frozenset({"val", "mean", "test"})
 
 
 class ExampleDataset(Dataset):
@@ -43,6 +43,14 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> GuardExample:
         return self.examples[index]
+
+
+class IndexedDataset(ExampleDataset):
+    """Eval rows with their position: a test pass split across ranks counts each row once by it
+    (Lightning's DistributedSampler repeats rows so that every rank gets as many)."""
+
+    def __getitem__(self, index: int) -> tuple[int, GuardExample]:  # type: ignore[override]
+        return index, self.examples[index]
 
 
 class EpochSeededSampler(WeightedRandomSampler):
@@ -103,6 +111,15 @@ class PairCollator:
         return dict(batch)
 
 
+class IndexedCollator(PairCollator):
+    """:class:`PairCollator` for :class:`IndexedDataset` rows; adds ``row_index``."""
+
+    def __call__(self, rows: list[tuple[int, GuardExample]]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        batch = super().__call__([row for _, row in rows])
+        batch["row_index"] = torch.tensor([index for index, _ in rows])
+        return batch
+
+
 def stratified_group_split(
     rows: list[GuardExample], val_fraction: float, threshold: float, seed: int
 ) -> tuple[list[GuardExample], list[GuardExample]]:
@@ -159,6 +176,10 @@ class HarmAugDataModule(L.LightningDataModule):
     human label are left out (counted in ``eval_unlabelled``); with ``score_eval_with_teacher`` the
     teacher scores every remaining row through the same cache, so reports compare student and
     teacher on the same rows.
+
+    Eval sets are read before the (long) augmentation, so one that cannot be reached stops the run
+    before any generation (``unavailable_eval_sets: stop``, the default) or, with ``skip``, is
+    left out with a warning on every rank alike and named in the report (``eval_skipped``).
     """
 
     def __init__(
@@ -182,8 +203,13 @@ class HarmAugDataModule(L.LightningDataModule):
         num_workers: int = 0,
         trust_remote_code: bool = False,
         score_eval_with_teacher: bool = True,
+        unavailable_eval_sets: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
+        if unavailable_eval_sets not in ("stop", "skip"):
+            raise ConfigError(
+                f"data.unavailable_eval_sets must be 'stop' or 'skip', got {unavailable_eval_sets!r}"
+            )
         if augment and generator is None:
             raise ConfigError("data.augment is true but no data.generator is configured")
         if not 0.0 < val_fraction < 1.0:
@@ -193,7 +219,8 @@ class HarmAugDataModule(L.LightningDataModule):
         if clashing:
             raise ConfigError(
                 f"data.eval_sets: {clashing} cannot name an eval set: {sorted(RESERVED_SET_NAMES)} are the "
-                "metric prefixes of the val split and of the mean over eval sets, and '/' separates a "
+                "metric prefixes of the val split, the mean over eval sets and the test pass, and '/' "
+                "separates a "
                 "set's name from its metric; rename the set"
             )
         self.tokenizer_ref = tokenizer
@@ -212,6 +239,7 @@ class HarmAugDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.trust_remote_code = trust_remote_code
         self.score_eval_with_teacher = score_eval_with_teacher
+        self.unavailable_eval_sets = unavailable_eval_sets
         self.pipeline = AugmentationPipeline(
             generator=generator if augment else None,
             responder=responder if augment else None,
@@ -223,11 +251,12 @@ class HarmAugDataModule(L.LightningDataModule):
         self.val_rows: list[GuardExample] = []
         self.eval_rows: dict[str, list[GuardExample]] = {}
         self.eval_unlabelled: dict[str, int] = {}
+        self.eval_skipped: dict[str, str] = {}  # set name -> why it could not be loaded
         self._tokenizer: Any = None
 
     @property
     def eval_set_names(self) -> list[str]:
-        return list(self.eval_sources)
+        return [name for name in self.eval_sources if name not in self.eval_skipped]
 
     @property
     def tokenizer(self) -> Any:
@@ -241,12 +270,15 @@ class HarmAugDataModule(L.LightningDataModule):
         return self._tokenizer
 
     # -- building the set ---------------------------------------------------------------------
+    def _rank_sync(self) -> RankSync:
+        trainer = getattr(self, "trainer", None)
+        return RankSync(trainer.global_rank, trainer.world_size) if trainer is not None else RankSync(0, 1)
+
     @contextmanager
     def _sharded_job(self) -> Iterator[RankSync]:
         """Ranks share the job stage by stage; if one rank fails, all fail at its next barrier with
         its message (instead of waiting for the process-group timeout); the LLMs are freed after."""
-        trainer = getattr(self, "trainer", None)
-        sync = RankSync(trainer.global_rank, trainer.world_size) if trainer is not None else RankSync(0, 1)
+        sync = self._rank_sync()
         try:
             with sync.guard():
                 yield sync
@@ -288,26 +320,55 @@ class HarmAugDataModule(L.LightningDataModule):
         replace_atomically(self.data_dir / "stats.json", [json.dumps(self.augmentation_stats, indent=2)])
 
     def setup(self, stage: str) -> None:
+        sets = None if self.eval_rows else self._read_eval_sets()  # before hours of augmentation
         if stage in ("fit", "validate") and not self.train_rows:
             rows = self.build()
             self.train_rows, self.val_rows = stratified_group_split(
                 rows, self.val_fraction, self.threshold, self.split_seed
             )
             log.info("train rows: %d, val rows: %d", len(self.train_rows), len(self.val_rows))
-        if not self.eval_rows:
-            self.eval_rows = self._load_eval_sets()
+        if sets is not None:
+            self.eval_rows = self._label_eval_sets(sets)
 
-    def _load_eval_sets(self) -> dict[str, list[GuardExample]]:
-        """Each eval set's human-labelled rows, teacher-scored (one teacher pass over all sets, cached)."""
+    def _read_eval_sets(self) -> dict[str, list[GuardExample]]:
+        """Each reachable eval set's human-labelled rows; unreachable ones stop the run or are skipped.
+
+        Every rank reads; a set skipped on any rank is skipped on all, so every rank serves the
+        same dataloaders.
+        """
         sets: dict[str, list[GuardExample]] = {}
-        for name, source in self.eval_sources.items():
-            rows = load_examples(source, origin="eval").examples
-            sets[name] = [row for row in rows if row.label is not None]
-            self.eval_unlabelled[name] = len(rows) - len(sets[name])
-            if self.eval_unlabelled[name]:
-                log.info("eval set %r: %d rows without a label left out", name, self.eval_unlabelled[name])
-            if not sets[name]:
-                raise DataError(f"eval set {name!r} ({source.display}): no row has a label")
+        unavailable: dict[str, str] = {}
+        with self._rank_sync().guard():  # a rank that fails here stops the others at once
+            for name, source in self.eval_sources.items():
+                try:
+                    rows = load_examples(source, origin="eval").examples
+                except DataUnavailable as err:
+                    if self.unavailable_eval_sets == "stop":
+                        raise DataUnavailable(
+                            f"eval set {name!r}: {err}. To train without it, set "
+                            "data.init_args.unavailable_eval_sets: skip"
+                        ) from err
+                    unavailable[name] = str(err)
+                    continue
+                sets[name] = [row for row in rows if row.label is not None]
+                self.eval_unlabelled[name] = len(rows) - len(sets[name])
+                if self.eval_unlabelled[name]:
+                    log.info(
+                        "eval set %r: %d rows without a label left out", name, self.eval_unlabelled[name]
+                    )
+                if not sets[name]:
+                    raise DataError(f"eval set {name!r} ({source.display}): no row has a label")
+        for part in all_gather_objects(unavailable):  # every rank passed the guard's barrier
+            for name, reason in part.items():
+                unavailable.setdefault(name, reason)
+        for name, reason in unavailable.items():
+            log.warning("eval set %r skipped (data.unavailable_eval_sets: skip): %s", name, reason)
+            sets.pop(name, None)
+        self.eval_skipped = unavailable
+        return sets
+
+    def _label_eval_sets(self, sets: dict[str, list[GuardExample]]) -> dict[str, list[GuardExample]]:
+        """The eval rows teacher-scored (one teacher pass over all sets, cached), unless switched off."""
         if not self.score_eval_with_teacher or not sets:
             return sets
         flat = [row for rows in sets.values() for row in rows]
@@ -348,11 +409,14 @@ class HarmAugDataModule(L.LightningDataModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- loaders ------------------------------------------------------------------------------
-    def _loader(self, rows: list[GuardExample], batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, rows: list[GuardExample], batch_size: int, indexed: bool = False, **kwargs: Any
+    ) -> DataLoader:
+        dataset, collate = (IndexedDataset, IndexedCollator) if indexed else (ExampleDataset, PairCollator)
         return DataLoader(
-            ExampleDataset(rows),
+            dataset(rows),
             batch_size=batch_size,
-            collate_fn=PairCollator(self.tokenizer, self.max_length),
+            collate_fn=collate(self.tokenizer, self.max_length),
             num_workers=self.num_workers,
             **kwargs,
         )
@@ -373,7 +437,10 @@ class HarmAugDataModule(L.LightningDataModule):
         return [self._loader(rows, self.eval_batch_size) for rows in sets]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.eval_rows[name], self.eval_batch_size) for name in self.eval_set_names]
+        return [
+            self._loader(self.eval_rows[name], self.eval_batch_size, indexed=True)
+            for name in self.eval_set_names
+        ]
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()

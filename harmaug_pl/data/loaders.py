@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError, DataError
+from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
 from harmaug_pl.resources import is_package_ref, resolve_package_path
 
 logger = logging.getLogger(__name__)
@@ -428,8 +428,9 @@ def _local_path(source: DataSource) -> Path:
     else:
         path = Path(source.path).expanduser()
     if not path.is_file():
-        problem = "is a directory, not a file" if path.is_dir() else "file not found"
-        raise DataError(f"{source.display}: {problem} (looked at {path.resolve()})")
+        if path.is_dir():
+            raise DataError(f"{source.display}: is a directory, not a file (looked at {path.resolve()})")
+        raise DataUnavailable(f"{source.display}: file not found (looked at {path.resolve()})")
     return path
 
 
@@ -567,7 +568,7 @@ def _read_hf(source: DataSource) -> _Rows:
         )
     except Exception as err:
         first_line = next(iter(str(err).strip().splitlines()), "")
-        raise DataError(
+        raise DataUnavailable(
             f"{source.display}: could not load the dataset ({type(err).__name__}: {first_line}). "
             "The Hugging Face hub may be unreachable (offline mode, no network) or the dataset, config "
             "or split does not exist. Download it and set path: to a local json/jsonl/csv/parquet copy."

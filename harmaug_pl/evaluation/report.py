@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,6 +59,7 @@ class EvalReport:
     unlabelled: dict[str, int]
     threshold: float
     calibrated_threshold: float | None
+    skipped: dict[str, str] = field(default_factory=dict)  # eval sets left out: name -> why
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
@@ -70,6 +71,7 @@ class EvalReport:
         calibrated_threshold: float | None = None,
         unlabelled: dict[str, int] | None = None,
         ece_bins: int = 10,
+        skipped: dict[str, str] | None = None,
     ) -> EvalReport:
         """Score the student at both thresholds and the teacher at ``threshold`` on every set."""
         rows = []
@@ -81,7 +83,9 @@ class EvalReport:
                 scorers.append(("teacher", scored.teacher, threshold))
             for scorer, scores, at in scorers:
                 rows.append(ReportRow(name, scorer, set_metrics(scored.target, scores, at, ece_bins)))
-        return cls(rows, dict(presets), dict(unlabelled or {}), threshold, calibrated_threshold)
+        return cls(
+            rows, dict(presets), dict(unlabelled or {}), threshold, calibrated_threshold, dict(skipped or {})
+        )
 
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(row.scorer for row in self.rows))
@@ -162,6 +166,11 @@ class EvalReport:
             f"run; '{PUBLISHED_TAG}' rows are copied from the HarmAug paper (Table 1) on the full sets. "
             "n/a: undefined on this data (e.g. AUPRC of a set without unsafe rows) or not published."
         )
+        if self.skipped:
+            notes += (
+                "\n\nNot measured (unreachable, skipped by data.unavailable_eval_sets: skip): "
+                + "; ".join(f"{name}: {reason}" for name, reason in self.skipped.items())
+            )
         return (
             f"## Evaluation summary\n\n{_markdown(*summary)}\n\n"
             f"## Per set\n\n{_markdown(*detail)}\n\n{notes}\n"

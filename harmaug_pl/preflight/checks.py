@@ -76,6 +76,14 @@ def _args(node: Any) -> dict[str, Any]:
     return (node.get("init_args") or {}) if isinstance(node, dict) else {}
 
 
+def _skipped(row: Row) -> Row:
+    """An unreachable eval set under ``unavailable_eval_sets: skip``: the run leaves it out, warned."""
+    if row.status != "blocker":
+        return row
+    detail = f"{row.detail}; the run skips it (data.init_args.unavailable_eval_sets: skip)"
+    return Row(row.what, row.subject, "warn", detail, row.fix)
+
+
 class Preflight:
     """Computes the rows for one configuration (``config`` as a plain dict, without the subcommand).
 
@@ -645,6 +653,7 @@ class Preflight:
             except HarmAugError as err:
                 self.add("data", label, "blocker", str(err), f"fix {setting}")
                 continue
+            first = len(self.rows)
             if source.path is not None:
                 self._data_files(label, setting, source, [source.path])
             elif source.data_files and "/" not in (source.hf_name or ""):  # a datasets builder on local files
@@ -652,6 +661,8 @@ class Preflight:
             else:
                 state = self.hub.dataset(source.hf_name or "", source.hf_config, source.split, setting)
                 self.add("data", label, state.status, state.detail, state.fix)  # type: ignore[arg-type]
+            if label.startswith("eval set") and self.data.get("unavailable_eval_sets") == "skip":
+                self.rows[first:] = [_skipped(row) for row in self.rows[first:]]
 
     def _data_files(self, label: str, setting: str, source: DataSource, refs: list[str]) -> None:
         missing = []
