@@ -3,7 +3,7 @@
 ``path`` is an exported folder (Hugging Face safetensors, run with PyTorch) or an ``.onnx`` file in
 such a folder (plain or int8, run with onnxruntime). Either way the folder's ``harmaug_guard.json``
 says how the student was trained (max length, threshold, which label is unsafe), and inputs go
-through the training tokenisation (:func:`harmaug_pl.data.datamodule.encode_pairs`), so a served
+through the training tokenisation (:func:`harmaug_pl.data.encoding.encode_pairs`), so a served
 guard scores the (prompt, response) pair and truncates exactly as it learned to.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harmaug_pl.data.datamodule import encode_pairs
+from harmaug_pl.data.encoding import encode_pairs
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.models import load_sequence_classifier, load_tokenizer
 
@@ -56,6 +56,12 @@ class GuardSettings:
             settings = cls(**json.loads(path.read_text()))
         except (TypeError, ValueError) as err:
             raise ModelLoadError(f"{path}: invalid guard settings: {err}") from err
+        if isinstance(settings.max_length, bool) or not isinstance(settings.max_length, int):
+            raise ModelLoadError(
+                f"{path}: max_length must be a whole number of tokens, got {settings.max_length!r}"
+            )
+        if not isinstance(settings.threshold, (int, float)) or not 0 <= settings.threshold <= 1:
+            raise ModelLoadError(f"{path}: threshold must be a number in [0, 1], got {settings.threshold!r}")
         if settings.pair_format != "text_pair":
             raise ModelLoadError(f"{path}: unknown pair_format {settings.pair_format!r} (known: text_pair)")
         return settings
@@ -179,6 +185,26 @@ class Guard:
             probs /= probs.sum(axis=-1, keepdims=True)
             scores.extend(probs[:, self.settings.unsafe_index].tolist())
         return scores
+
+    def classify(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str | None] | None = None,
+        threshold: float | None = None,
+        batch_size: int = 32,
+    ) -> list[dict[str, Any]]:
+        """Per row: ``p_unsafe``, ``label`` (``unsafe`` above ``threshold``, default the guard's) and
+        ``truncated``: what ``harmaug classify``, ``harmaug serve`` and the MLflow model return."""
+        threshold = self.threshold if threshold is None else threshold
+        scores = self.score(prompts, responses, batch_size=batch_size)
+        cuts = self.truncated(prompts, responses)
+        return [verdict(score, cut, threshold) for score, cut in zip(scores, cuts, strict=True)]
+
+
+def verdict(p_unsafe: float, truncated: bool, threshold: float) -> dict[str, Any]:
+    """One row's answer: the score, the label at ``threshold`` (strictly above: unsafe)."""
+    label = "unsafe" if p_unsafe > threshold else "safe"
+    return {"p_unsafe": p_unsafe, "label": label, "truncated": truncated}
 
 
 def _responses(prompts: Sequence[str], responses: Sequence[str | None] | None) -> list[str | None]:
