@@ -33,7 +33,11 @@ SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
 CKPT_PATH_KEYWORDS = frozenset({"best", "last", "hpc", "registry"})
 
 # Commands that serve a trained student, dispatched to their own modules (``harmaug export --help``).
-TOOL_COMMANDS = {"export": "harmaug_pl.export", "classify": "harmaug_pl.classify"}
+TOOL_COMMANDS = {
+    "export": "harmaug_pl.export",
+    "classify": "harmaug_pl.classify",
+    "serve": "harmaug_pl.serve",
+}
 
 MLFLOW_DEFAULT = {
     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
