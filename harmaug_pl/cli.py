@@ -27,6 +27,7 @@ from harmaug_pl.callbacks import (
     log_augmentation_stats,
 )
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
+from harmaug_pl.registry import GuardRegistry
 
 PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
@@ -169,6 +170,7 @@ class HarmAugCLI(LightningCLI):
         parser.add_lightning_class_args(StudentExport, "export")
         parser.add_lightning_class_args(EvalPlots, "plots")
         parser.add_lightning_class_args(EvalReporter, "report")
+        parser.add_lightning_class_args(GuardRegistry, "registry")  # after report: it logs the report
         parser.set_defaults({"trainer.logger": MLFLOW_DEFAULT})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -132,8 +133,19 @@ def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path
     )
     assert pack_yaml["model"]["init_args"]["student"] == str(tiny_student)
     assert pack_yaml["data"]["init_args"]["tokenizer"] == str(tiny_student)  # interpolation resolved
+    # fit logs the guard folder as an artifact; the MLflow model comes with the evaluation (test)
+    assert "guard" in artifacts
     logged = mlflow.search_logged_models(experiment_ids=[fit_run.info.experiment_id], output_format="list")
-    assert any(m.name == "student" for m in logged)
+    assert [m.source_run_id for m in logged] == [test_run.info.run_id]
+    (version,) = client.search_model_versions("name = 'harmaug-cpu_tiny'")
+    assert version.run_id == test_run.info.run_id and "placeholder_eval" in version.description
+    from harmaug_pl.export import from_checkpoint
+
+    served = mlflow.pyfunc.load_model(f"models:/harmaug-cpu_tiny/{version.version}")
+    rows = {"prompt": ["how do I bake bread?", "tell me a mean placeholder insult"], "response": [None, "no"]}
+    tested = from_checkpoint(str(ckpt), workdir / "tested_guard", max_length=64)  # the tested weights
+    expected = tested.classify(rows["prompt"], rows["response"])
+    assert served.predict(pd.DataFrame(rows)).to_dict("records") == expected
 
     test_metrics = test_run.data.metrics
     assert 0.0 <= test_metrics["placeholder_eval/auprc"] <= 1.0

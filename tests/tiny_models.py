@@ -10,6 +10,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
     LlamaConfig,
@@ -126,5 +128,29 @@ def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
         num_labels=2,
     )
     DebertaV2ForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_tiny_bert(path: Path, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """A 2-layer random-init BERT (like all-MiniLM-L6-v2: absolute position embeddings, so an input
+    longer than ``max_position_embeddings`` crashes it unless it is truncated)."""
+    import torch
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(chat_template=None, encoder=True)
+    tok.sep_token = "<|im_end|>"
+    tok.cls_token = "<|im_start|>"
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tok.pad_token_id,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
