@@ -205,42 +205,44 @@ def test_long_rows_are_truncated_and_marked_not_refused(guard: Guard) -> None:
     run(body())
 
 
-@pytest.mark.parametrize(
-    ("path", "payload", "status", "param", "words"),
-    [
-        ("/v1/classify", b'{"rows": [{"prompt": "hi"}', 400, None, "malformed JSON"),
-        ("/v1/moderations", b"not json", 400, None, "malformed JSON"),
-        ("/v1/classify", {"rows": [{"prompt": 5}]}, 422, "rows[0].prompt", "valid string"),
-        ("/v1/classify", {"rows": [{"response": "a"}]}, 422, "rows[0].prompt", "required"),
-        (
-            "/v1/classify",
-            {"rows": [{"prompt": "a", "respones": "b"}]},
-            422,
-            "rows[0].respones",
-            "not permitted",
-        ),
-        ("/v1/classify", {"rows": "hi"}, 422, "rows", "valid list"),
-        ("/v1/classify", {"rows": [{"prompt": "a"}], "threshold": 2}, 422, "threshold", "less than or equal"),
-        ("/v1/classify", {"rows": []}, 422, "rows", "at least one"),
-        ("/v1/moderations", {}, 422, "input", "required"),
-        ("/v1/moderations", {"input": []}, 422, "input", "at least one"),
-        ("/v1/moderations", {"input": ["a"] * 5}, 422, "input", "above the limit of 4"),
-        ("/v1/moderations", {"input": "x" * 3001}, 422, "input", "3001 characters"),
-        (
-            "/v1/classify",
-            {"rows": [{"prompt": "a", "response": "x" * 3001}]},
-            422,
-            "rows[0].response",
-            "hard cap",
-        ),
-        ("/v1/moderations", {"input": [{"type": "image_url"}]}, 422, "input[0].type", "text only"),
-    ],
-)
+# (path, body, status, field named, words in the message); the limits are BAD_LIMITS
+BAD_LIMITS = {"max_rows": 4, "max_chars": 3000, "max_body_bytes": 5000}
+BAD_REQUESTS = [
+    ("/v1/classify", b'{"rows": [{"prompt": "hi"}', 400, None, "malformed JSON"),
+    ("/v1/moderations", b"not json", 400, None, "malformed JSON"),
+    ("/v1/classify", {"rows": [{"prompt": 5}]}, 422, "rows[0].prompt", "valid string"),
+    ("/v1/classify", {"rows": [{"response": "a"}]}, 422, "rows[0].prompt", "required"),
+    (
+        "/v1/classify",
+        {"rows": [{"prompt": "a", "respones": "b"}]},
+        422,
+        "rows[0].respones",
+        "not permitted",
+    ),
+    ("/v1/classify", {"rows": "hi"}, 422, "rows", "valid list"),
+    ("/v1/classify", {"rows": [{"prompt": "a"}], "threshold": 2}, 422, "threshold", "less than or equal"),
+    ("/v1/classify", {"rows": []}, 422, "rows", "at least one"),
+    ("/v1/moderations", {}, 422, "input", "required"),
+    ("/v1/moderations", {"input": []}, 422, "input", "at least one"),
+    ("/v1/moderations", {"input": ["a"] * 5}, 422, "input", "above the limit of 4"),
+    ("/v1/moderations", {"input": "x" * 3001}, 422, "input", "3001 characters"),
+    (
+        "/v1/classify",
+        {"rows": [{"prompt": "a", "response": "x" * 3001}]},
+        422,
+        "rows[0].response",
+        "hard cap",
+    ),
+    ("/v1/moderations", {"input": [{"type": "image_url"}]}, 422, "input[0].type", "text only"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param", "words"), BAD_REQUESTS)
 def test_bad_requests_are_named_and_the_server_goes_on(
     guard: Guard, path: str, payload: Any, status: int, param: str | None, words: str
 ) -> None:
     async def body() -> None:
-        async with served(guard, max_rows=4, max_chars=3000, max_body_bytes=5000) as client:
+        async with served(guard, **BAD_LIMITS) as client:
             if isinstance(payload, bytes):
                 reply = await client.post(path, content=payload, headers={"content-type": "application/json"})
             else:
