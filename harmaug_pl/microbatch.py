@@ -53,7 +53,8 @@ class _Queued(Generic[Row]):
 class MicroBatcher(Generic[Row, Result]):
     """Group rows from concurrent :meth:`submit` calls into calls of ``score(rows) -> results``.
 
-    ``on_batch(rows, seconds)`` is told the size and duration of every call (for metrics).
+    ``on_batch(rows, seconds, cpu_seconds)`` is told the size, duration and CPU time (of the
+    thread that ran it, so other processes' load does not count) of every call, for metrics.
     """
 
     def __init__(
@@ -62,7 +63,7 @@ class MicroBatcher(Generic[Row, Result]):
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
         max_queue_rows: int = 256,
-        on_batch: Callable[[int, float], Any] | None = None,
+        on_batch: Callable[[int, float, float], Any] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_rows < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1 and max_wait_s >= 0")
@@ -138,12 +139,17 @@ class MicroBatcher(Generic[Row, Result]):
                 break
         return [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
 
+    def _timed(self, rows: list[Row]) -> tuple[Sequence[Result], float]:
+        started = time.thread_time()
+        results = self.score(rows)
+        return results, time.thread_time() - started
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while batch := await self._next_batch():
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.score, [q.row for q in batch])
+                results, cpu = await loop.run_in_executor(self._executor, self._timed, [q.row for q in batch])
             except Exception as error:  # the model failed on this batch: its requests fail, others go on
                 for queued in batch:
                     if not queued.request.future.done():
@@ -153,7 +159,7 @@ class MicroBatcher(Generic[Row, Result]):
             rate = len(batch) / max(seconds, 1e-9)
             self._rows_per_s = rate if self._rows_per_s == 0 else 0.8 * self._rows_per_s + 0.2 * rate
             if self.on_batch is not None:
-                self.on_batch(len(batch), seconds)
+                self.on_batch(len(batch), seconds, cpu)
             for queued, result in zip(batch, results, strict=True):
                 request = queued.request
                 request.results[queued.index] = result

@@ -60,6 +60,7 @@ class ServeSettings:
     """Batching and the limits a request must respect (``harmaug serve --help`` says each)."""
 
     max_batch_size: int = 16
+    forward_batch_size: int | None = None
     max_wait_ms: float = 5.0
     max_queue_rows: int = 256
     max_rows: int = 64
@@ -71,6 +72,8 @@ class ServeSettings:
         for name in ("max_batch_size", "max_queue_rows", "max_rows", "max_chars", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.forward_batch_size is not None and self.forward_batch_size < 1:
+            raise ConfigError(f"--forward_batch_size must be >= 1, got {self.forward_batch_size}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_rows > self.max_queue_rows:
@@ -169,11 +172,15 @@ class ServeMetrics:
         self.model_seconds = Histogram(
             "harmaug_model_seconds", "time per model call (tokenise + forward)", registry=r
         )
+        self.model_cpu = Counter(
+            "harmaug_model_cpu_seconds", "CPU time of the model calls (their thread's)", registry=r
+        )
         self.queued = Gauge("harmaug_queue_rows", "rows waiting for a model call", registry=r)
 
-    def on_batch(self, rows: int, seconds: float) -> None:
+    def on_batch(self, rows: int, seconds: float, cpu_seconds: float) -> None:
         self.batch_rows.observe(rows)
         self.model_seconds.observe(seconds)
+        self.model_cpu.inc(cpu_seconds)
 
 
 KNOWN_PATHS = frozenset({"/v1/moderations", "/v1/classify", "/health", "/ready", "/metrics"})
@@ -215,8 +222,8 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
 
     def score(rows: list[tuple[str, str | None]]) -> list[tuple[float, bool]]:
         prompts, responses = [p for p, _ in rows], [r for _, r in rows]
-        scores = guard.score(prompts, responses, batch_size=len(rows))
-        return list(zip(scores, guard.truncated(prompts, responses), strict=True))
+        scores, cut = guard.score_rows(prompts, responses, settings.forward_batch_size or len(rows))
+        return list(zip(scores, cut, strict=True))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -425,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_batch_size", type=int, default=defaults.max_batch_size, help="rows per model call"
     )
     parser.add_argument(
+        "--forward_batch_size",
+        type=int,
+        default=None,
+        help="rows per forward pass within a model call, grouped by length (default: all of them)",
+    )
+    parser.add_argument(
         "--max_wait_ms",
         type=float,
         default=defaults.max_wait_ms,
@@ -462,6 +475,7 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     settings = ServeSettings(
         max_batch_size=args.max_batch_size,
+        forward_batch_size=args.forward_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue_rows=args.max_queue_rows,
         max_rows=args.max_rows,
