@@ -12,7 +12,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent  # so ``-m benchmarks.<name>`` imports from any cwd
-BENCHMARKS = ("benchmarks.generation_throughput", "benchmarks.default_pack", "benchmarks.cost_profile")
+BENCHMARKS = (
+    "benchmarks.generation_throughput",
+    "benchmarks.default_pack",
+    "benchmarks.cost_profile",
+    "benchmarks.serving",
+)
 
 
 def main() -> int:

@@ -146,6 +146,7 @@ def proc_cpu_s(pid: int) -> float:
 def scrape(url: str) -> dict[str, float]:
     wanted = {
         "harmaug_model_seconds_sum",
+        "harmaug_model_cpu_seconds_total",
         "harmaug_batch_rows_sum",
         "harmaug_batch_rows_count",
         "harmaug_rows_total",
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         guard = Guard.from_pretrained(folder / FORMATS[fmt] if FORMATS[fmt] else folder, threads=args.threads)
         forwards = sorted({4, 8, args.forward_batch})
         shapes[fmt] = model_shapes(guard, prompts[: args.shape_rows], args.max_batch_size, forwards)
+        print(fmt, shapes[fmt], flush=True)
         del guard
 
     wait = ["--max_wait_ms", str(args.max_wait_ms)]

@@ -20,7 +20,9 @@ def tokenize_rows(
     """
     features, truncated = [], []
     for prompt, response in zip(prompts, responses, strict=True):
-        whole = tokenizer(prompt, response)
+        whole = tokenizer(
+            prompt, response, verbose=False
+        )  # no "longer than the maximum" warning: it is cut below
         cut = len(whole["input_ids"]) > max_length
         features.append(tokenizer(prompt, response, truncation=True, max_length=max_length) if cut else whole)
         truncated.append(cut)
