@@ -191,7 +191,9 @@ def run_tool(argv: list[str]) -> bool:
     """Run ``export`` / ``classify`` (not Trainer commands: each has its own parser); False otherwise."""
     if not argv or argv[0] not in TOOL_COMMANDS:
         return False
-    importlib.import_module(TOOL_COMMANDS[argv[0]]).console_main(argv[1:])
+    with one_line_errors(f"harmaug {argv[0]}"):  # a missing optional extra is one line too
+        command = importlib.import_module(TOOL_COMMANDS[argv[0]])
+    command.console_main(argv[1:])
     return True
 
 

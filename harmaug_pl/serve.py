@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -49,7 +48,6 @@ except ImportError as missing:  # the optional `serve` extra
         "pip install 'harmaug-pl[serve]'"
     ) from missing
 
-log = logging.getLogger(__name__)
 
 UNSAFE = "unsafe"  # a binary guard's one category (its own label, not one of OpenAI's)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -5,10 +5,8 @@ report, declared requirements and signature; and ``mlflow models serve`` answers
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,7 @@ from harmaug_pl.callbacks import EvalReporter
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.guard import Guard
 from harmaug_pl.registry import MODEL_NAME, GuardRegistry, already_logged, log_guard_model, requirements
-from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE
+from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, free_port, wait_for_http
 
 LONG_PROMPT = " ".join(PLACEHOLDER_UNSAFE * 12)  # far past the tiny BERT's 128 position embeddings
 LONG_RESPONSE = " ".join(PLACEHOLDER_SAFE * 12)
@@ -117,12 +115,6 @@ def test_the_registry_callback_must_follow_the_reporter() -> None:
         GuardRegistry(" ")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_over_http(registered: SimpleNamespace, tiny_bert_export: Path) -> None:
     port = free_port()
@@ -147,19 +139,11 @@ def test_mlflow_models_serve_answers_over_http(registered: SimpleNamespace, tiny
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
-            try:
-                if httpx2.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 120 s"
-            time.sleep(0.5)
+        wait_for_http(server, f"http://127.0.0.1:{port}/ping", timeout=120)
         records = [{"prompt": p, "response": None if r is None or pd.isna(r) else r} for p, r in ROWS.values]
         reply = httpx2.post(
             f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": records}, timeout=60

@@ -302,10 +302,13 @@ def test_a_full_queue_answers_503_with_retry_after(guard: Guard) -> None:
 def test_a_model_failure_is_a_500_for_that_request_only(
     guard: Guard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
     async def body() -> None:
         async with served(guard) as client:
             with monkeypatch.context() as patched:
-                patched.setattr(guard, "score_rows", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+                patched.setattr(guard, "score_rows", broken)
                 reply = await client.post("/v1/moderations", json={"input": "hi"})
             assert reply.status_code == 500 and "RuntimeError: boom" in reply.json()["error"]["message"]
             await answers_correctly(client, guard)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,18 +17,12 @@ import openai
 import pytest
 
 from harmaug_pl.guard import Guard
-from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE
+from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, free_port, wait_for_http
 from tests.test_serve import BAD_LIMITS, BAD_REQUESTS
 
 pytestmark = pytest.mark.slow
 PROMPTS = PLACEHOLDER_UNSAFE + PLACEHOLDER_SAFE
 WAIT_MS = 800  # the wait budget: single requests sit this long in the queue, so they are in flight
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -61,16 +53,7 @@ def server(tiny_export: Path) -> Iterator[tuple[subprocess.Popen, str]]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx2.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            assert time.monotonic() < deadline, "harmaug serve did not get ready in 90 s"
-            time.sleep(0.3)
+        wait_for_http(process, f"{url}/ready", timeout=90)
         yield process, url
     finally:
         if process.poll() is None:

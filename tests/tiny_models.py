@@ -109,39 +109,18 @@ def save_tiny_llama(
     return path
 
 
-def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer."""
+def save_tiny_encoder(
+    path: Path, config_class: Any, model_class: Any, seed: int = 0, max_position_embeddings: int = 512
+) -> Path:
+    """A 2-layer random-init sequence classifier of ``config_class``/``model_class`` with an
+    encoder tokenizer (``[CLS] a [SEP] b [SEP]`` pairs)."""
     import torch
 
     torch.manual_seed(seed)
     tok = build_tokenizer(chat_template=None, encoder=True)
     tok.sep_token = "<|im_end|>"
     tok.cls_token = "<|im_start|>"
-    config = DebertaV2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        num_labels=2,
-    )
-    DebertaV2ForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def save_tiny_bert(path: Path, seed: int = 0, max_position_embeddings: int = 128) -> Path:
-    """A 2-layer random-init BERT (like all-MiniLM-L6-v2: absolute position embeddings, so an input
-    longer than ``max_position_embeddings`` crashes it unless it is truncated)."""
-    import torch
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer(chat_template=None, encoder=True)
-    tok.sep_token = "<|im_end|>"
-    tok.cls_token = "<|im_start|>"
-    config = BertConfig(
+    config = config_class(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -151,6 +130,17 @@ def save_tiny_bert(path: Path, seed: int = 0, max_position_embeddings: int = 128
         pad_token_id=tok.pad_token_id,
         num_labels=2,
     )
-    BertForSequenceClassification(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_deberta(path: Path, seed: int = 0) -> Path:
+    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer."""
+    return save_tiny_encoder(path, DebertaV2Config, DebertaV2ForSequenceClassification, seed)
+
+
+def save_tiny_bert(path: Path, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """A 2-layer random-init BERT (like all-MiniLM-L6-v2: absolute position embeddings, so an input
+    longer than ``max_position_embeddings`` crashes it unless it is truncated)."""
+    return save_tiny_encoder(path, BertConfig, BertForSequenceClassification, seed, max_position_embeddings)
