@@ -57,8 +57,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class ServeSettings:
     """Batching and the limits a request must respect (``harmaug serve --help`` says each)."""
 
-    max_batch_size: int = 16
-    forward_batch_size: int | None = None
+    # measured best on a 2-core CPU (benchmarks/serving.py, docs/serving.md): up to 32 rows per model
+    # call, run in length-sorted forward passes of 4 (padding to a call's longest row cost 1.7x)
+    max_batch_size: int = 32
+    forward_batch_size: int | None = 4
     max_wait_ms: float = 5.0
     max_queue_rows: int = 256
     max_rows: int = 64
@@ -432,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--forward_batch_size",
         type=int,
-        default=None,
-        help="rows per forward pass within a model call, grouped by length (default: all of them)",
+        default=defaults.forward_batch_size,
+        help="rows per forward pass within a model call, grouped by length (0: all in one pass)",
     )
     parser.add_argument(
         "--max_wait_ms",
@@ -473,7 +475,7 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     settings = ServeSettings(
         max_batch_size=args.max_batch_size,
-        forward_batch_size=args.forward_batch_size,
+        forward_batch_size=args.forward_batch_size or None,
         max_wait_ms=args.max_wait_ms,
         max_queue_rows=args.max_queue_rows,
         max_rows=args.max_rows,
