@@ -226,8 +226,9 @@ def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
             "description": (
                 "HarmAug guard distillation. Give packs with --config (a path or a shipped name: "
                 f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets. "
-                "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX) and "
-                "`harmaug classify --help` (score prompts, pairs or a file)."
+                "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX), "
+                "`harmaug classify --help` (score prompts, pairs or a file) and `harmaug serve --help` "
+                "(HTTP moderation service)."
             ),
         },
         seed_everything_default=42,
