@@ -16,6 +16,7 @@ BENCHMARKS = (
     "benchmarks.generation_throughput",
     "benchmarks.default_pack",
     "benchmarks.cost_profile",
+    "benchmarks.remote_backend",
     "benchmarks.serving",
 )
 

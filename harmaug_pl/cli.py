@@ -33,12 +33,18 @@ PACKAGE_DIR = Path(__file__).parent
 SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
 CKPT_PATH_KEYWORDS = frozenset({"best", "last", "hpc", "registry"})
 
-# Commands that serve a trained student, dispatched to their own modules (``harmaug export --help``).
+# Commands with their own parsers, dispatched to their modules (``harmaug export --help``): serving a
+# trained student, and the preflight check of a pack.
 TOOL_COMMANDS = {
     "export": "harmaug_pl.export",
     "classify": "harmaug_pl.classify",
     "serve": "harmaug_pl.serve",
+    "check": "harmaug_pl.preflight.command",
 }
+# Trainer commands that run the cheap preflight before building anything (``--preflight false`` or
+# HARMAUG_PREFLIGHT=0 skips it).
+PREFLIGHT_COMMANDS = frozenset({"augment", "fit", "validate", "test"})
+PREFLIGHT_ENV = "HARMAUG_PREFLIGHT"
 
 MLFLOW_DEFAULT = {
     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
@@ -172,6 +178,48 @@ class HarmAugCLI(LightningCLI):
         parser.add_lightning_class_args(EvalReporter, "report")
         parser.add_lightning_class_args(GuardRegistry, "registry")  # after report: it logs the report
         parser.set_defaults({"trainer.logger": MLFLOW_DEFAULT})
+        parser.add_argument(
+            "--preflight",
+            type=bool,
+            default=True,
+            help=(
+                "Before augment/fit/validate/test build anything, check in seconds what would stop the run "
+                "(models and data sets reachable, extras, CUDA, memory, disk; `harmaug check` prints the "
+                f"full table) and stop with status 2 on a blocker. {PREFLIGHT_ENV}=0 also skips it."
+            ),
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """The automatic preflight, on the parsed configuration: the student loads when its module is
+        built, so a check after instantiation would come after the failure it should prevent. Every
+        rank checks (its own node's caches and disks), so under SLURM all ranks stop alike instead of
+        the others waiting for a rank that exited."""
+        if self.subcommand not in PREFLIGHT_COMMANDS or os.environ.get(PREFLIGHT_ENV, "1") == "0":
+            return
+        config = self.config[self.subcommand]
+        if config.get("preflight", True):
+            from harmaug_pl.preflight.command import automatic_check
+
+            automatic_check(config.as_dict(), self.subcommand)
+
+
+class _ConfigOnlyCLI(HarmAugCLI):
+    """Parses and validates packs exactly as the commands do, and builds nothing (``harmaug check``)."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str]) -> dict[str, Any]:
+    """The configuration ``args`` (``--config`` packs, overrides) give, as a plain dict, nothing built."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are given: LightningCLI warns about both
+    try:
+        return _cli(_ConfigOnlyCLI, args, run=False).config.as_dict()
+    finally:
+        sys.argv = argv
 
 
 def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
@@ -208,12 +256,16 @@ def console_main() -> None:
 
 
 def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
+    if args is None:
+        sys.argv[1:] = resolve_pack_args(sys.argv[1:])
+    return _cli(HarmAugCLI, args, run)
+
+
+def _cli(cli_class: type[HarmAugCLI], args: list[str] | None, run: bool) -> HarmAugCLI:
     # Packs write absolute ``${model.init_args.student}``; under a subcommand the key is
     # ``fit.model...``, which this setting makes work (and keeps packs readable).
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    if args is None:
-        sys.argv[1:] = resolve_pack_args(sys.argv[1:])
-    return HarmAugCLI(
+    return cli_class(
         model_class=LightningModule,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,
@@ -226,6 +278,8 @@ def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:
             "description": (
                 "HarmAug guard distillation. Give packs with --config (a path or a shipped name: "
                 f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets. "
+                "Before a long run: `harmaug check --config <pack>` (every model, data set, extra, GPU, "
+                "disk and directory the pack needs, with fixes; `harmaug check --help`). "
                 "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX), "
                 "`harmaug classify --help` (score prompts, pairs or a file) and `harmaug serve --help` "
                 "(HTTP moderation service)."

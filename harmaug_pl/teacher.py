@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from harmaug_pl.backends.base import Chat, ChatBackend
+from harmaug_pl.backends.base import Chat, ChatBackend, truncated_rows
 from harmaug_pl.errors import ConfigError, DataError
 from harmaug_pl.models import load_sequence_classifier, load_tokenizer, resolve_device
 
@@ -87,13 +87,15 @@ class _BatchedTeacher(ABC):
     """Validates the rows and feeds them to ``_score_batch`` in chunks of ``batch_size``.
 
     Rows are chunked in order of length so that a batch pads little (40 OpenAI-moderation prompts at
-    batch 8: 9.6k instead of 15.3k padded tokens for 7.1k real ones); scores come back in row order.
+    batch 8: 9.6k instead of 15.3k padded tokens for 7.1k real ones); scores come back in row order,
+    and so does :attr:`last_truncated` (rows whose input was cut to fit the model).
     """
 
     def __init__(self, batch_size: int) -> None:
         if batch_size < 1:
             raise ConfigError(f"{type(self).__name__}.batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        self.last_truncated: list[bool] = []
 
     def score(self, prompts: Sequence[str], responses: Sequence[str | None]) -> list[float]:
         """P(unsafe) per row (prompt-only rows: prompt harmfulness; others: response harmfulness)."""
@@ -103,12 +105,19 @@ class _BatchedTeacher(ABC):
             )
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i] or ""))
         scores = [0.0] * len(prompts)
+        truncated = [False] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             batch = self._score_batch([prompts[i] for i in chunk], [responses[i] for i in chunk])
-            for i, value in zip(chunk, batch):
+            for i, value, cut in zip(chunk, batch, self._truncated(len(chunk))):
                 scores[i] = value
+                truncated[i] = cut
+        self.last_truncated = truncated
         return scores
+
+    def _truncated(self, count: int) -> list[bool]:
+        """Which rows of the latest ``_score_batch`` had their input cut (none, unless overridden)."""
+        return [False] * count
 
     @abstractmethod
     def _score_batch(self, prompts: list[str], responses: list[str | None]) -> list[float]:
@@ -157,6 +166,9 @@ class _TwoWordTeacher(_BatchedTeacher):
             suffix=self.suffix,
         )
         return torch.sigmoid(logprobs[:, 0] - logprobs[:, 1]).tolist()
+
+    def _truncated(self, count: int) -> list[bool]:
+        return truncated_rows(self.backend, count)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,16 +1,17 @@
 """A stand-in ``vllm`` module for CPU tests, shaped like vLLM's real offline API.
 
 Mirrored from vLLM (vllm/entrypoints/llm.py, vllm/sampling_params.py, vllm/outputs.py, vllm/logprobs.py):
-``LLM(model, *, dtype, gpu_memory_utilization, tensor_parallel_size, ...)``; ``LLM.chat(messages,
-sampling_params, use_tqdm, chat_template, add_generation_prompt, continue_final_message)``;
-``LLM.generate(prompts, sampling_params, *, use_tqdm)`` with ``{"prompt_token_ids": [...]}`` prompts;
+``LLM(model, *, dtype, gpu_memory_utilization, tensor_parallel_size, ...)``;
+``LLM.generate(prompts, sampling_params, *, use_tqdm)`` with ``{"prompt_token_ids": [...]}`` prompts
+and one ``SamplingParams`` or a list of them, one per prompt;
 ``SamplingParams`` is a msgspec Struct, so an unknown field is a ``TypeError``; results are
 ``RequestOutput.outputs[0]`` (a ``CompletionOutput``) whose ``logprobs`` holds one ``dict[int, Logprob]``
 per generated token: the sampled token plus the ``logprob_token_ids`` asked for.
 
 Scores are real: the fake runs the tiny model with transformers and returns full-vocabulary
 log-softmax values (vLLM's default ``logprobs_mode="raw_logprobs"``). Generated text is a marker
-that names the flags, the seed and the LOCAL_RANK it saw, so tests can see how requests were built.
+that names the seed, the LOCAL_RANK it saw and the end of the prompt, so tests can see how requests
+were built. ``LLM.generate`` scores when ``logprob_token_ids`` is set and generates otherwise.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class Recorder:
     """Every call the fake engine received, for tests to inspect."""
 
     llm_kwargs: list[dict[str, Any]] = field(default_factory=list)
-    chat_calls: list[dict[str, Any]] = field(default_factory=list)
     generate_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -86,41 +86,18 @@ def make_module(*, with_logprob_token_ids: bool = True, drop_requested: bool = F
         def get_tokenizer(self) -> Any:
             return self.tokenizer
 
-        def chat(
-            self,
-            messages: list[list[dict[str, str]]],
-            sampling_params: Any = None,
-            use_tqdm: bool = True,
-            chat_template: str | None = None,
-            add_generation_prompt: bool = True,
-            continue_final_message: bool = False,
-        ) -> list[RequestOutput]:
-            if add_generation_prompt and continue_final_message:
-                raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt`")
-            params = (
-                sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(messages)
-            )
-            recorder.chat_calls.append(
-                {
-                    "messages": messages,
-                    "params": params,
-                    "chat_template": chat_template,
-                    "add_generation_prompt": add_generation_prompt,
-                    "continue_final_message": continue_final_message,
-                }
-            )
-            outputs = []
-            for n, (chat, p) in enumerate(zip(messages, params)):
-                kind = "prefill" if continue_final_message else "reply"
-                rank = os.environ.get("LOCAL_RANK")  # what a DDP launcher would have told vLLM
-                text = f"<{kind} seed={p.seed} local_rank={rank} last={chat[-1]['content']}>"
-                outputs.append(RequestOutput(str(n), None, [], [CompletionOutput(0, text, [], None, None)]))
-            return outputs
-
         def generate(
             self, prompts: list[dict[str, Any]], sampling_params: Any = None, *, use_tqdm: bool = True
         ):
             recorder.generate_calls.append({"prompts": prompts, "params": sampling_params})
+            if isinstance(sampling_params, list):  # vLLM pairs a list with the prompts one by one
+                if len(sampling_params) != len(prompts):
+                    raise ValueError("The lengths of prompts and sampling_params must be the same.")
+                params = sampling_params
+            else:
+                params = [sampling_params] * len(prompts)
+            if any(p.logprob_token_ids is None for p in params):
+                return [self._marker(n, prompt, p) for n, (prompt, p) in enumerate(zip(prompts, params))]
             outputs = []
             for n, prompt in enumerate(prompts):
                 ids = torch.tensor([prompt["prompt_token_ids"]])
@@ -138,6 +115,13 @@ def make_module(*, with_logprob_token_ids: bool = True, drop_requested: bool = F
                     )
                 )
             return outputs
+
+        def _marker(self, n: int, prompt: dict[str, Any], params: Any) -> RequestOutput:
+            ids = prompt["prompt_token_ids"]
+            rank = os.environ.get("LOCAL_RANK")  # what a DDP launcher would have told vLLM
+            end = self.tokenizer.decode(ids[-12:])
+            text = f"<seed={params.seed} local_rank={rank} end={end!r}>"
+            return RequestOutput(str(n), None, ids, [CompletionOutput(0, text, [], None, None)])
 
     module = types.ModuleType("vllm")
     module.__version__ = "0.0.fake"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -115,23 +114,6 @@ def test_next_token_logprobs_match_hand_computation_and_batching(backend, tiny_l
         backend.next_token_logprobs([CHATS[1]], [10**6], add_generation_prompt=True)
 
 
-def test_left_truncation_keeps_the_end_and_warns_once(tiny_llama: Path, caplog) -> None:
-    backend = TransformersBackend(str(tiny_llama), max_input_tokens=8)
-    tokenizer, model = _raw(tiny_llama)
-    rendered = tokenizer.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    assert ids.shape[1] > 8
-    with torch.no_grad():
-        expected = torch.log_softmax(model(ids[:, -8:]).logits[0, -1], -1)[[5, 6]]
-    with caplog.at_level(logging.WARNING):
-        got = backend.next_token_logprobs([CHATS[0]], [5, 6], add_generation_prompt=True)
-        backend.next_token_logprobs([CHATS[0]], [5, 6], add_generation_prompt=True)
-    backend.close()
-    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-5)
-    warnings = [r for r in caplog.records if "max_input_tokens=8" in r.getMessage()]
-    assert len(warnings) == 1 and f"longest {ids.shape[1]} tokens" in warnings[0].getMessage()
-
-
 def test_backends_share_one_model_until_the_last_closes(tiny_llama: Path) -> None:
     first, second = TransformersBackend(str(tiny_llama)), TransformersBackend(str(tiny_llama))
     other_dtype = TransformersBackend(str(tiny_llama), dtype="bfloat16")
@@ -189,8 +171,11 @@ def test_load_errors_name_the_model_and_the_fix(tmp_path: Path, tiny_llama: Path
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((tiny_llama / "config.json").read_text())
-    (pickled / "pytorch_model.bin").write_bytes(b"placeholder, never unpickled")
-    with pytest.raises(ModelLoadError, match=r"Only \*\.safetensors weights are loaded"):
+    (pickled / "pytorch_model.bin").write_bytes(b"placeholder, not a pickle")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model.bin is not a readable PyTorch weights file"):
+        load_causal_lm(str(pickled))  # a .bin is read with weights_only=True (tests/test_weight_formats.py)
+    (pickled / "pytorch_model.bin").rename(pickled / "weights.pt")
+    with pytest.raises(ModelLoadError, match=r"Weights load from: model.safetensors .*pytorch_model.bin"):
         load_causal_lm(str(pickled))
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a .gguf file"):

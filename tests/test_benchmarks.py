@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import default_pack, generation_throughput
+from benchmarks import default_pack, generation_throughput, remote_backend
 from benchmarks.common import PhaseClock, markdown_table, pack_config, write_results
 from harmaug_pl import ablation
 
@@ -236,6 +236,23 @@ def test_variant_child_process_round_trip(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.slow
+def test_remote_backend_benchmark_measures_every_mode_on_the_same_rows(tmp_path: Path) -> None:
+    argv = ["--rows", "4", "--gen-rows", "2", "--max-new-tokens", "2", "--concurrency", "1", "2"]
+    data = remote_backend.main([*argv, "--repeats", "1", "--out-dir", str(tmp_path)])
+    modes = [(r["task"], r["mode"].split()[0], r["concurrency"]) for r in data["results"]]
+    assert modes == [
+        (task, mode, concurrency)
+        for task in ("score", "generate")
+        for mode, concurrency in (("in-process", "-"), ("direct", "-"), ("http", 1), ("http", 2))
+    ]
+    http = [r for r in data["results"] if r["mode"].startswith("http")]
+    assert all(r["rows_per_s"] > 0 and "client_cpu_ms_per_row" in r for r in http)
+    # the HTTP path computes what the in-process backend computes, on the same rows
+    assert all(r["max_abs_score_diff"] < 1e-5 for r in http if r["task"] == "score")
+    assert all(r["same_text_as_in_process"] for r in http if r["task"] == "generate")
+    assert (tmp_path / "remote_backend.md").read_text().startswith("# remote_backend")
+
+
 def test_serving_benchmark_runs_every_arm_and_stops_its_servers(tiny_export: Path, tmp_path: Path) -> None:
     from benchmarks import serving
 

@@ -17,7 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from harmaug_pl.backends import TransformersBackend, VLLMBackend
+from harmaug_pl.backends import OpenAICompatibleBackend, TransformersBackend, VLLMBackend
 from harmaug_pl.callbacks import EvalPlots, EvalReporter, StudentExport
 from harmaug_pl.cli import PACKAGE_DIR, HarmAugCLI, HarmAugTrainer, main
 from harmaug_pl.data.datamodule import HarmAugDataModule
@@ -47,8 +47,12 @@ def tiny_override(pack: dict, folder: Path, llama: Path, guard: Path, student: P
     for stage in ("generator", "responder", "teacher"):
         backend = data.get(stage, {}).get("init_args", {}).get("backend")
         if backend is not None:  # a vLLM backend has no device: it is instantiated, never started
-            device = {} if backend["class_path"].endswith("VLLMBackend") else {"device": "cpu"}
-            stages[stage] = {"init_args": {"backend": {"init_args": {"model": str(models[stage]), **device}}}}
+            kind = backend["class_path"].rsplit(".", 1)[1]
+            extra = {
+                "VLLMBackend": {},
+                "OpenAICompatibleBackend": {"tokenizer": str(models[stage])},  # the server is never asked
+            }.get(kind, {"device": "cpu"})
+            stages[stage] = {"init_args": {"backend": {"init_args": {"model": str(models[stage]), **extra}}}}
     return {
         "trainer": {
             "accelerator": "cpu",
@@ -187,3 +191,19 @@ def test_multi_gpu_is_ddp_with_sharded_vllm(instantiate) -> None:
     _, cli, _ = instantiate("multi_gpu", "multi_gpu_ddp")
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert isinstance(cli.datamodule.pipeline.teacher.backend, VLLMBackend)
+
+
+def test_remote_vllm_sends_every_llm_to_a_server_and_holds_no_key(instantiate) -> None:
+    pack, cli, _ = instantiate("remote_vllm", "remote_vllm_http")
+    pipeline = cli.datamodule.pipeline
+    backends = [pipeline.generator.backend, pipeline.responder.backend, pipeline.teacher.backend]
+    assert all(isinstance(b, OpenAICompatibleBackend) and b.server == "vllm" for b in backends)
+    assert {b.http.api_key_env for b in backends} == {"HARMAUG_LLM_API_KEY"}  # a name, never the key
+    assert backends[2].top_logprobs is None  # verdict tokens asked for by id (logprob_token_ids)
+    assert isinstance(pipeline.teacher, LlamaGuardTeacher) and pipeline.teacher.suffix == "\n\n"
+    text = (PACKAGE_DIR / "packs" / "remote_vllm.yaml").read_text()
+    assert "vllm serve google/gemma-1.1-2b-it" in text and "vllm serve meta-llama/Llama-Guard-3-8B" in text
+    # same student, data and evaluation as the paper's pack
+    reference = yaml.safe_load((PACKAGE_DIR / "packs" / "deberta_large.yaml").read_text())
+    assert pack["model"] == reference["model"]
+    assert pack["data"]["init_args"]["eval_sets"] == reference["data"]["init_args"]["eval_sets"]

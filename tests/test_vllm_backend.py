@@ -53,30 +53,41 @@ def test_constructing_loads_nothing_and_describes_itself(tiny_llama: Path) -> No
         VLLMBackend(str(tiny_llama), gpu_memory_utilization=1.5)
 
 
-def test_generate_uses_chat_with_prefill_flags_per_chat(fake, tiny_llama: Path) -> None:
+def test_generate_sends_the_rendered_chats_as_token_ids_one_seed_each(fake, tiny_llama: Path) -> None:
     backend = in_process(tiny_llama, system_prompt="Be brief.", dtype="float32")
+    reference = TransformersBackend(str(tiny_llama), system_prompt="Be brief.")
     sampling = SamplingConfig(max_new_tokens=12, temperature=0.7, top_p=0.9, stop=["\n"])
     texts = backend.generate([PREFILLED, PLAIN, PREFILLED], sampling, seed=5)
 
     llm_kwargs = fake.recorder.llm_kwargs[0]
     assert llm_kwargs["dtype"] == "float32" and llm_kwargs["gpu_memory_utilization"] == 0.85
-    calls = {call["continue_final_message"]: call for call in fake.recorder.chat_calls}
-    assert len(fake.recorder.chat_calls) == 2
-    assert calls[True]["add_generation_prompt"] is False and calls[False]["add_generation_prompt"] is True
-    assert [m[-1]["content"] for m in calls[True]["messages"]] == [PREFILLED[-1]["content"]] * 2
-    assert all(m[0] == {"role": "system", "content": "Be brief."} for m in calls[True]["messages"])
-    params = calls[True]["params"][0]
-    assert (params.max_tokens, params.temperature, params.top_p, params.stop) == (12, 0.7, 0.9, ["\n"])
+    (call,) = fake.recorder.generate_calls  # one request for the batch, in input order
+    sent = [prompt["prompt_token_ids"] for prompt in call["prompts"]]
+    # rendered exactly as the transformers backend renders them: system prompt added, the prefilled
+    # turn continued (no end-of-turn after it), a generation prompt after the plain chat
+    assert sent == [row.ids for row in reference.encode_chats([PREFILLED, PLAIN, PREFILLED])]
+    tokenizer = reference.tokenizer
+    assert tokenizer.decode(sent[0]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert tokenizer.decode(sent[0]).endswith("<|im_start|>assistant\n" + PREFILLED[-1]["content"])
+    assert tokenizer.decode(sent[1]).endswith("How do I bake bread?<|im_end|>\n<|im_start|>assistant\n")
+    params = call["params"]
+    assert len(params) == 3
+    assert (params[0].max_tokens, params[0].temperature, params[0].top_p, params[0].stop) == (
+        12,
+        0.7,
+        0.9,
+        ["\n"],
+    )
 
     # texts come back in input order, each chat with its own seed, reproducible from the batch seed
     seeds = [int(text.split("seed=")[1].split()[0]) for text in texts]
-    assert (
-        texts[0].startswith("<prefill") and texts[1].startswith("<reply") and texts[2].startswith("<prefill")
-    )
-    assert len(set(seeds)) == 3
+    assert [p.seed for p in params] == seeds and len(set(seeds)) == 3
+    assert PREFILLED[-1]["content"] in texts[0] and "assistant" in texts[1]
     assert backend.generate([PREFILLED, PLAIN, PREFILLED], sampling, seed=5) == texts
     assert backend.generate([PREFILLED, PLAIN, PREFILLED], sampling, seed=6) != texts
+    assert backend.last_truncated == [False, False, False]
     backend.close()
+    reference.close()
 
 
 def test_scores_match_the_transformers_backend_on_the_same_weights(fake, tiny_guard: Path) -> None:
@@ -109,18 +120,6 @@ def test_scores_match_the_transformers_backend_on_the_same_weights(fake, tiny_gu
     assert teacher_scores == pytest.approx(reference_scores, abs=1e-5)
     backend.close()
     reference.close()
-
-
-def test_long_prompts_keep_their_end(fake, tiny_guard: Path) -> None:
-    backend = in_process(tiny_guard, max_input_tokens=8)
-    backend.next_token_logprobs([PLAIN], [1, 2], add_generation_prompt=False, suffix="\n\n")
-    sent = fake.recorder.generate_calls[-1]["prompts"][0]["prompt_token_ids"]
-    full = backend.templates.tokenizer(
-        backend.templates.render([PLAIN], add_generation_prompt=False, suffix="\n\n"),
-        add_special_tokens=False,
-    )["input_ids"][0]
-    assert sent == full[-8:] and len(full) > 8
-    backend.close()
 
 
 def test_missing_requested_logprobs_and_old_vllm_are_clear_errors(
@@ -201,7 +200,9 @@ def test_isolated_worker_round_trip_with_a_clean_environment(
     reference = TransformersBackend(str(tiny_guard))
     backend = VLLMBackend(str(tiny_guard))
     texts = backend.generate([PREFILLED, PLAIN], SamplingConfig(max_new_tokens=4), seed=1)
-    assert texts[0].startswith("<prefill") and texts[1].startswith("<reply")
+    assert texts[0].endswith("I have an idea for a prompt:'>") and texts[1].endswith(
+        "<|im_start|>assistant'>"
+    )
     assert all("local_rank=None" in text for text in texts)
 
     ids = [reference.first_token_id("unsafe"), reference.first_token_id("safe")]
@@ -211,7 +212,7 @@ def test_isolated_worker_round_trip_with_a_clean_environment(
 
     with pytest.raises(HarmAugError, match="IndexError"):  # an engine error comes back; the worker lives on
         backend.next_token_logprobs([PLAIN], [10**6], add_generation_prompt=False)
-    assert backend.generate([PLAIN], SamplingConfig(max_new_tokens=4), seed=1)[0].startswith("<reply")
+    assert "local_rank=None" in backend.generate([PLAIN], SamplingConfig(max_new_tokens=4), seed=1)[0]
 
     process = backend._engine.process
     backend.close()  # the worker exits, and with it every byte its engine held

@@ -224,6 +224,8 @@ class StageResult:
             f"seconds_{stage}": round(self.seconds, 3),
             f"rows_per_s_{stage}": round(self.computed / self.seconds, 3) if self.seconds > 0 else 0.0,
             f"cache_skipped_lines_{stage}": self.skipped_lines,
+            # every row of the stage, cached or not: inputs whose contents were cut to fit the model
+            f"truncated_{stage}": sum(1 for value in self.values if value.get("truncated")),
         }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
-from harmaug_pl.backends.base import Chat, ChatBackend, SamplingConfig
+from harmaug_pl.backends.base import Chat, ChatBackend, SamplingConfig, truncated_rows
 from harmaug_pl.errors import ConfigError, HarmAugError
 
 
@@ -71,7 +71,10 @@ class ChatStage:
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
             raise HarmAugError(f"{self.stage}: the backend returned {bad[0]} instead of str")
-        return [{"text": text, "seed": seed} for text in texts]
+        cut = truncated_rows(self.backend, len(texts))  # counted per stage in the statistics
+        return [
+            {"text": text, "seed": seed, **({"truncated": True} if c else {})} for text, c in zip(texts, cut)
+        ]
 
     def run(
         self,

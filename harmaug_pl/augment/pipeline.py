@@ -21,6 +21,7 @@ import torch
 from harmaug_pl.augment.cache import StageResult, content_key, no_op, run_stage
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.responder import Responder, Response
+from harmaug_pl.backends.base import truncated_rows
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, HarmAugError
 
@@ -221,12 +222,12 @@ class AugmentationPipeline:
         """The teacher is deterministic, so ``seed`` is unused; the score must be a probability."""
         scores = self.teacher.score([row.prompt for row in rows], [row.response for row in rows])
         values = []
-        for row, score in zip(rows, scores):
+        for row, score, cut in zip(rows, scores, truncated_rows(self.teacher, len(rows))):
             if not is_probability(score):
                 raise HarmAugError(
                     f"the teacher returned P(unsafe)={score!r} for the prompt {row.prompt[:80]!r}"
                 )
-            values.append({"score": float(score)})
+            values.append({"score": float(score), **({"truncated": True} if cut else {})})
         return values
 
     def _label_stats(self, rows: Sequence[GuardExample], groups: Sequence[str]) -> dict[str, float | int]:

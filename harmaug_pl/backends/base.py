@@ -2,8 +2,12 @@
 
 Two operations are all HarmAug needs from an LLM: *continue these chats* (generator and
 responder, with a prefilled assistant turn) and *score the next token of these chats* (teacher).
-Both take chats as lists of ``{"role", "content"}`` messages so the backend owns templating,
-which is what ``vllm.LLM.chat(..., continue_final_message=True)`` also expects.
+Both take chats as lists of ``{"role", "content"}`` messages so the backend owns templating
+(:mod:`harmaug_pl.backends.rendering`: one rule for every backend, over-long chats included).
+
+A backend may also expose ``last_truncated: list[bool]``: per chat of its latest call, whether the
+chat's contents were cut to fit its input budget. It is optional (not a protocol member); stages read
+it through :func:`truncated_rows` and count the cut rows in the augmentation statistics.
 """
 
 from __future__ import annotations
@@ -74,3 +78,14 @@ class ChatBackend(Protocol):
     def close(self) -> None:
         """Free the model's memory (called before the student trains)."""
         ...
+
+
+def truncated_rows(source: Any, count: int) -> list[bool]:
+    """``source.last_truncated`` (a backend's or a teacher's) for the ``count`` rows of its latest call.
+
+    A source that does not report it, or reports another number of rows, counts as having cut none.
+    """
+    flags = getattr(source, "last_truncated", None)
+    if not isinstance(flags, list) or len(flags) != count:
+        return [False] * count
+    return [bool(flag) for flag in flags]

@@ -5,8 +5,9 @@ the constructor. The generator, responder and an LLM judge often name the same m
 the same (model, dtype, device, quantization, trust_remote_code) share one loaded copy, which the last
 of them to :meth:`~TransformersBackend.close` frees.
 
-Inputs longer than ``max_input_tokens`` lose their *beginning* (left truncation): the end of a chat is
-where the prefill or the verdict goes, so it is the part that must survive. A warning gives the counts.
+Chats render through :mod:`harmaug_pl.backends.rendering`: one longer than ``max_input_tokens`` loses
+part of its messages' contents, never the template (a warning gives the counts, once per backend), and
+:attr:`TransformersBackend.last_truncated` says which chats of the latest call were cut.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 
 from harmaug_pl.backends.base import Chat, SamplingConfig
-from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
+from harmaug_pl.backends.rendering import TRUNCATION_RULE, Rendered, RenderOptions, render_ids, render_text
+from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ class TransformersBackend:
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (GPU when there is one).
         quantization: ``transformers.BitsAndBytesConfig`` arguments, e.g. ``{"load_in_4bit": true}``.
         trust_remote_code: run Python code shipped with the model (off unless asked; warns).
-        max_input_tokens: longer rendered chats keep only their last ``max_input_tokens`` tokens.
+        max_input_tokens: longer rendered chats are cut to this many tokens, in their messages'
+            contents only (see :mod:`harmaug_pl.backends.rendering`).
         system_prompt: prepended as a system message to chats that have none.
         chat_template: Jinja chat template to use instead of (or for models without) the tokenizer's.
     """
@@ -82,6 +85,7 @@ class TransformersBackend:
         self._key = (model, dtype, device, json.dumps(self.quantization, sort_keys=True), trust_remote_code)
         self._shared: _Shared | None = None
         self._warned_truncation = False
+        self.last_truncated: list[bool] = []  # per chat of the latest generate/next_token_logprobs
 
     @property
     def model_id(self) -> str:
@@ -100,6 +104,7 @@ class TransformersBackend:
             "quantization": self.quantization,
             "system_prompt": self.system_prompt,
             "max_input_tokens": self.max_input_tokens,
+            "truncation": TRUNCATION_RULE,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         }
 
@@ -165,70 +170,55 @@ class TransformersBackend:
 
     # -- rendering and encoding --------------------------------------------------------------------
 
+    def _options(self, add_generation_prompt: bool | None, suffix: str) -> RenderOptions:
+        return RenderOptions(
+            chat_template=self.chat_template,
+            system_prompt=self.system_prompt,
+            add_generation_prompt=add_generation_prompt,
+            suffix=suffix,
+        )
+
     def render(
         self, chats: Sequence[Chat], *, add_generation_prompt: bool | None = None, suffix: str = ""
     ) -> list[str]:
-        """The exact strings the model reads, one per chat, then ``suffix``.
+        """The exact strings the model reads, one per chat, then ``suffix`` (nothing cut).
 
         ``add_generation_prompt=None`` renders as :meth:`generate` does: a final assistant message is
         continued (prefill), otherwise a generation prompt is added. A bool renders as given, without
         continuing a final message (what :meth:`next_token_logprobs` does).
         """
-        from jinja2 import TemplateError
+        options = self._options(add_generation_prompt, suffix)
+        return [render_text(self.tokenizer, chat, options) for chat in chats]
 
-        tokenizer = self.tokenizer
-        rendered = []
-        for index, chat in enumerate(chats):
-            if not chat:
-                raise DataError(f"chat #{index} is empty: a chat needs at least one message")
-            if self.system_prompt is not None and chat[0].get("role") != "system":
-                chat = [{"role": "system", "content": self.system_prompt}, *chat]
-            prefill = add_generation_prompt is None and chat[-1].get("role") == "assistant"
-            generation_prompt = not prefill if add_generation_prompt is None else add_generation_prompt
-            options = {
-                "chat_template": self.chat_template,
-                "tokenize": False,
-                "add_generation_prompt": generation_prompt,
-                "continue_final_message": prefill,
-            }
-            try:
-                text = tokenizer.apply_chat_template(chat, **options)
-                if not _shows_every_message(text, chat):
-                    # Some templates (e.g. Llama-Guard-3-1B) read only typed content parts and
-                    # silently render plain strings as nothing: retry with typed parts.
-                    text = tokenizer.apply_chat_template(_typed_content(chat), **options)
-            except (TemplateError, ValueError) as err:
-                raise DataError(
-                    f"the chat template of model {self._ref!r} rejected chat #{index}: {err}"
-                ) from err
-            if not _shows_every_message(text, chat):
-                raise ConfigError(
-                    f"the chat template of model {self._ref!r} drops message text from chat #{index} "
-                    "(neither plain nor typed content shows up in the rendered prompt); set the "
-                    "backend's chat_template to one that renders every message"
-                )
-            rendered.append(text + suffix)
-        return rendered
+    def encode_chats(
+        self, chats: Sequence[Chat], *, add_generation_prompt: bool | None = None, suffix: str = ""
+    ) -> list[Rendered]:
+        """Each chat's ids within ``max_input_tokens`` (as :meth:`render`, contents cut if needed).
 
-    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenize rendered chats (the template already holds BOS), left-truncate, left-pad."""
-        tokenizer = self.tokenizer
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        too_long = [len(row) for row in ids if len(row) > self.max_input_tokens]
-        if too_long and not self._warned_truncation:
+        Sets :attr:`last_truncated` and warns once per backend when chats were cut.
+        """
+        options = self._options(add_generation_prompt, suffix)
+        rendered = [render_ids(self.tokenizer, chat, options, self.max_input_tokens) for chat in chats]
+        self.last_truncated = [row.truncated for row in rendered]
+        cut = sum(self.last_truncated)
+        if cut and not self._warned_truncation:
             self._warned_truncation = True
             log.warning(
-                "%d of %d inputs to %r exceed max_input_tokens=%d (longest %d tokens); keeping their last "
-                "%d tokens (warned once per backend)",
-                len(too_long),
-                len(ids),
+                "%d of %d chats for %r exceed max_input_tokens=%d; their message contents were cut in the "
+                "middle, the chat template kept whole (warned once per backend; the augmentation "
+                "statistics count every cut row)",
+                cut,
+                len(rendered),
                 self._ref,
                 self.max_input_tokens,
-                max(too_long),
-                self.max_input_tokens,
             )
-        ids = [row[-self.max_input_tokens :] for row in ids]
-        batch = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        return rendered
+
+    def _batch(self, rendered: list[Rendered]) -> dict[str, torch.Tensor]:
+        """Left-padded tensors on the model's device (new tokens / the scored position at index -1)."""
+        batch = self.tokenizer.pad(
+            {"input_ids": [row.ids for row in rendered]}, padding=True, return_tensors="pt"
+        )
         device = self.lm.device
         return {name: tensor.to(device) for name, tensor in batch.items()}
 
@@ -242,7 +232,7 @@ class TransformersBackend:
         if not chats:
             return []
         tokenizer = self.tokenizer
-        batch = self._encode(self.render(chats))
+        batch = self._batch(self.encode_chats(chats))
         options: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": tokenizer.pad_token_id,
@@ -278,7 +268,9 @@ class TransformersBackend:
         if not chats:
             return torch.empty(0, len(token_ids))
         lm = self.lm
-        batch = self._encode(self.render(chats, add_generation_prompt=add_generation_prompt, suffix=suffix))
+        batch = self._batch(
+            self.encode_chats(chats, add_generation_prompt=add_generation_prompt, suffix=suffix)
+        )
         accepted = inspect.signature(lm.forward).parameters
         extra: dict[str, Any] = {}
         if "position_ids" in accepted:  # positions restart at 0 after the left padding
@@ -319,14 +311,6 @@ def _check_quantization(settings: dict[str, Any] | None) -> None:
         raise ConfigError(
             f"quantization: unknown BitsAndBytesConfig setting(s) {unknown}; known: {sorted(known)}"
         )
-
-
-def _shows_every_message(text: str, chat: Chat) -> bool:
-    return all(message["content"].strip() in text for message in chat)
-
-
-def _typed_content(chat: Chat) -> list[dict[str, Any]]:
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in chat]
 
 
 def _decode_continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:

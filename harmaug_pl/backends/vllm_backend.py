@@ -7,17 +7,20 @@ sends JSON requests over a pipe. :meth:`VLLMBackend.close` ends the child, which
 GPU memory back before the student trains. ``isolate=False`` keeps the engine in-process (notebooks).
 
 What the engine is asked (vLLM's real API; see ``vllm.entrypoints.llm.LLM`` and ``vllm.SamplingParams``):
+every chat is rendered here exactly as :class:`TransformersBackend` renders it
+(:func:`harmaug_pl.backends.rendering.render_ids`: same template, same prefill rule, same ``suffix``,
+the same cut of over-long contents that keeps the template whole) and handed over as token ids,
+``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params=...)``. That is what ``LLM.chat``
+does after rendering (vllm 0.33 ``entrypoints/llm.py``), minus a chance to overflow the context.
 
-- generation: ``LLM.chat(chats, sampling_params=[one SamplingParams per chat], add_generation_prompt=
-  False, continue_final_message=True)`` for chats ending in a prefilled assistant turn, and
-  ``add_generation_prompt=True, continue_final_message=False`` for the others; the output text
-  (``RequestOutput.outputs[0].text``) is the continuation only, stop strings excluded.
-- scoring: the chat rendered exactly as :class:`TransformersBackend` renders it (same template, same
-  ``suffix`` such as Llama Guard's ``"\\n\\n"``, same left truncation), given as token ids to
-  ``LLM.generate`` with ``SamplingParams(max_tokens=1, temperature=0, logprobs=K,
-  logprob_token_ids=ids)``. ``logprob_token_ids`` returns the log-probabilities of exactly those ids
-  (vLLM's default ``logprobs_mode="raw_logprobs"``: full-vocabulary log-softmax of the raw logits),
-  whatever their rank, so no top-k cut can lose the verdict tokens; the teacher renormalises over them.
+- generation: one ``SamplingParams`` per chat (its own ``seed``); chats ending in an assistant message
+  were rendered with ``continue_final_message``, the others with a generation prompt. The output text
+  (``RequestOutput.outputs[0].text``) is the continuation only, stop strings excluded, decoded with the
+  prompt's tokens as context (``DecodeStream(ids=prompt_token_ids)``, ``v1/engine/detokenizer.py``).
+- scoring: ``SamplingParams(max_tokens=1, temperature=0, logprobs=K, logprob_token_ids=ids)``.
+  ``logprob_token_ids`` returns the log-probabilities of exactly those ids (vLLM's default
+  ``logprobs_mode="raw_logprobs"``: full-vocabulary log-softmax of the raw logits), whatever their
+  rank, so no top-k cut can lose the verdict tokens; the teacher renormalises over them.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from harmaug_pl.models import resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'harmaug-pl[vllm]'"
+INSTALL_HINT = "bash scripts/install.sh --gpu (vllm and its torch, pinned), or pip install 'harmaug-pl[vllm]'"
 # Variables a DDP launcher (Lightning, torchrun) sets; vLLM would read them as its own topology.
 _LAUNCHER_VARIABLES = (
     "RANK",
@@ -126,39 +129,25 @@ class VLLMEngine:
                 f"this backend needs ({err}); upgrade: {INSTALL_HINT}"
             ) from err
 
-    def generate(
-        self, chats: list[Chat], sampling: dict[str, Any], seeds: list[int], chat_template: str | None
-    ) -> list[str]:
-        """Continue every chat; chats ending with an assistant message continue that message."""
-        texts: list[str] = [""] * len(chats)
-        for prefill in (True, False):
-            picked = [i for i, chat in enumerate(chats) if (chat[-1]["role"] == "assistant") == prefill]
-            if not picked:
-                continue
-            params = [
-                self._sampling(
-                    n=1,
-                    max_tokens=sampling["max_new_tokens"],
-                    temperature=sampling["temperature"],
-                    top_p=sampling["top_p"] if sampling["temperature"] > 0 else 1.0,
-                    stop=list(sampling["stop"]) or None,
-                    seed=seeds[i],
-                )
-                for i in picked
-            ]
-            outputs = self.llm.chat(
-                [chats[i] for i in picked],
-                sampling_params=params,
-                use_tqdm=False,
-                chat_template=chat_template,
-                add_generation_prompt=not prefill,
-                continue_final_message=prefill,
+    def generate(self, prompts: list[list[int]], sampling: dict[str, Any], seeds: list[int]) -> list[str]:
+        """Continue every rendered chat (token ids), each with its own seed; the new text only."""
+        params = [
+            self._sampling(
+                n=1,
+                max_tokens=sampling["max_new_tokens"],
+                temperature=sampling["temperature"],
+                top_p=sampling["top_p"] if sampling["temperature"] > 0 else 1.0,
+                stop=list(sampling["stop"]) or None,
+                seed=seed,
             )
-            if len(outputs) != len(picked):
-                raise HarmAugError(f"vLLM returned {len(outputs)} outputs for {len(picked)} chats")
-            for i, output in zip(picked, outputs):
-                texts[i] = output.outputs[0].text
-        return texts
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False
+        )
+        if len(outputs) != len(prompts):
+            raise HarmAugError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} chats")
+        return [output.outputs[0].text for output in outputs]
 
     def score(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Full-vocabulary log-probabilities of ``token_ids`` as the next token of each token prompt."""
@@ -209,9 +198,7 @@ def _visible_devices(local_rank: int, tensor_parallel_size: int) -> str:
 
 def _dispatch(engine: VLLMEngine, request: dict[str, Any]) -> Any:
     if request["op"] == "generate":
-        return engine.generate(
-            request["chats"], request["sampling"], request["seeds"], request["chat_template"]
-        )
+        return engine.generate(request["prompts"], request["sampling"], request["seeds"])
     return engine.score(request["prompts"], request["token_ids"])
 
 
@@ -340,7 +327,8 @@ class VLLMBackend:
         enforce_eager: skip CUDA-graph capture (faster start, slower decoding).
         engine_args: further ``vllm.LLM`` keyword arguments.
         trust_remote_code, max_input_tokens, system_prompt, chat_template: as for
-            :class:`TransformersBackend`, which this backend uses for the tokenizer and chat rendering.
+            :class:`TransformersBackend`, which this backend uses for the tokenizer and chat rendering
+            (so both render, and cut over-long chats, identically).
         isolate: run the engine in a spawned worker process (default; required under DDP).
     """
 
@@ -419,19 +407,20 @@ class VLLMBackend:
             self._engine = engine
         return self._engine
 
+    @property
+    def last_truncated(self) -> list[bool]:
+        """Per chat of the latest call: were its contents cut to fit ``max_input_tokens``."""
+        return self.templates.last_truncated
+
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
         """Continue every chat (see :class:`ChatBackend`); each chat gets its own seed from ``seed``."""
         if not chats:
             return []
-        system = self.templates.system_prompt
-        chats = [
-            [{"role": "system", "content": system}, *chat] if system and chat[0]["role"] != "system" else chat
-            for chat in chats
-        ]
+        rendered = self.templates.encode_chats(chats)
         return self._acquire().request(
             {
                 "op": "generate",
-                "chats": [list(chat) for chat in chats],
+                "prompts": [row.ids for row in rendered],
                 "sampling": {
                     "max_new_tokens": sampling.max_new_tokens,
                     "temperature": sampling.temperature,
@@ -439,7 +428,6 @@ class VLLMBackend:
                     "stop": list(sampling.stop),
                 },
                 "seeds": [(seed * 1_000_003 + i) % 2**31 for i in range(len(chats))],
-                "chat_template": self.templates.chat_template,
             }
         )
 
@@ -454,13 +442,13 @@ class VLLMBackend:
         """Full-vocabulary log-probabilities of ``token_ids`` as the next token: float32 ``[N, K]``."""
         if not chats:
             return torch.empty(0, len(token_ids))
-        texts = self.templates.render(chats, add_generation_prompt=add_generation_prompt, suffix=suffix)
-        ids = self.templates.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        limit = self.templates.max_input_tokens
+        rendered = self.templates.encode_chats(
+            chats, add_generation_prompt=add_generation_prompt, suffix=suffix
+        )
         rows = self._acquire().request(
             {
                 "op": "score",
-                "prompts": [row[-limit:] for row in ids],
+                "prompts": [row.ids for row in rendered],
                 "token_ids": [int(t) for t in token_ids],
             }
         )
