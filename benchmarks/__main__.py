@@ -17,6 +17,7 @@ BENCHMARKS = (
     "benchmarks.default_pack",
     "benchmarks.cost_profile",
     "benchmarks.remote_backend",
+    "benchmarks.serving",
 )
 
 

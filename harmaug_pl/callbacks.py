@@ -96,19 +96,15 @@ class StudentExport(L.Callback):
 
     The folder (:func:`harmaug_pl.export.write_guard_folder`: safetensors, tokenizer, ``id2label``,
     model card, ``harmaug_guard.json`` with the training max length and threshold) loads with
-    ``transformers.pipeline("text-classification", model=folder)`` and with ``Guard.from_pretrained``.
-    It is logged as the run's ``guard/`` artifact (what ``harmaug export --mlflow_run`` downloads) and,
-    with ``log_model``, as a transformers model so ``mlflow ui`` shows it under the run.
+    ``transformers.pipeline("text-classification", model=folder, truncation=True)`` and with
+    ``Guard.from_pretrained``. It is logged as the run's ``guard/`` artifact (what ``harmaug export
+    --mlflow_run`` downloads). The MLflow *model* (registered, deployable) is logged after the test
+    pass by :class:`harmaug_pl.registry.GuardRegistry`, once its evaluation exists.
     ``formats`` adds ``onnx`` and/or ``int8`` (ONNX) files to the folder, each verified against the
     student's scores on a sample (``export_report.json``); they need the ``export`` extra.
     """
 
-    def __init__(
-        self,
-        export_dir: str = "runs/harmaug/student",
-        log_model: bool = True,
-        formats: list[str] | None = None,
-    ) -> None:
+    def __init__(self, export_dir: str = "runs/harmaug/student", formats: list[str] | None = None) -> None:
         from harmaug_pl.errors import ConfigError
         from harmaug_pl.export import FORMATS
 
@@ -116,7 +112,6 @@ class StudentExport(L.Callback):
         if unknown:
             raise ConfigError(f"export.formats: unknown {unknown}; choose from {list(FORMATS)}")
         self.export_dir = Path(export_dir)
-        self.log_model = log_model
         self.formats = list(formats or [])
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -182,18 +177,6 @@ class StudentExport(L.Callback):
         if logger is None:
             return
         logger.experiment.log_artifacts(logger.run_id, str(self.export_dir), "guard")
-        if not self.log_model:
-            return
-        import mlflow
-
-        mlflow.set_tracking_uri(logger._tracking_uri)
-        with mlflow.start_run(run_id=logger.run_id):
-            mlflow.transformers.log_model(
-                transformers_model={"model": student, "tokenizer": tokenizer},
-                name="student",
-                task="text-classification",
-                pip_requirements=["transformers", "torch"],
-            )
 
 
 def calibrated_threshold(pl_module: L.LightningModule) -> float | None:

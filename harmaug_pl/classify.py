@@ -35,19 +35,9 @@ def classify_rows(
         for start in range(0, len(prompts), batch_size):
             chunk_p = prompts[start : start + batch_size]
             chunk_r = responses[start : start + batch_size]
-            scores = guard.score(chunk_p, chunk_r, batch_size=batch_size)
-            for prompt, response, score, cut in zip(
-                chunk_p, chunk_r, scores, guard.truncated(chunk_p, chunk_r), strict=True
-            ):
-                records.append(
-                    {
-                        "prompt": prompt,
-                        "response": response,
-                        "p_unsafe": score,
-                        "label": "unsafe" if score > threshold else "safe",
-                        "truncated": cut,
-                    }
-                )
+            verdicts = guard.classify(chunk_p, chunk_r, threshold, batch_size=batch_size)
+            for prompt, response, verdict in zip(chunk_p, chunk_r, verdicts, strict=True):
+                records.append({"prompt": prompt, "response": response, **verdict})
             bar.update(len(chunk_p))
     return records
 

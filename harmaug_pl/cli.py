@@ -33,6 +33,7 @@ from harmaug_pl.callbacks import (
 )
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
 from harmaug_pl.module import weights_from_checkpoint
+from harmaug_pl.registry import GuardRegistry
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ CKPT_PATH_KEYWORDS = frozenset({"best", "last", "hpc", "registry"})
 TOOL_COMMANDS = {
     "export": "harmaug_pl.export",
     "classify": "harmaug_pl.classify",
+    "serve": "harmaug_pl.serve",
     "check": "harmaug_pl.preflight.command",
 }
 # Trainer commands that run the cheap preflight before building anything (``--preflight false`` or
@@ -210,6 +212,7 @@ class HarmAugCLI(LightningCLI):
         parser.add_lightning_class_args(StudentExport, "export")
         parser.add_lightning_class_args(EvalPlots, "plots")
         parser.add_lightning_class_args(EvalReporter, "report")
+        parser.add_lightning_class_args(GuardRegistry, "registry")  # after report: it logs the report
         parser.set_defaults({"trainer.logger": MLFLOW_DEFAULT})
         parser.add_argument(
             "--preflight",
@@ -365,7 +368,9 @@ def run_tool(argv: list[str]) -> bool:
     """Run ``export`` / ``classify`` (not Trainer commands: each has its own parser); False otherwise."""
     if not argv or argv[0] not in TOOL_COMMANDS:
         return False
-    importlib.import_module(TOOL_COMMANDS[argv[0]]).console_main(argv[1:])
+    with one_line_errors(f"harmaug {argv[0]}"):  # a missing optional extra is one line too
+        command = importlib.import_module(TOOL_COMMANDS[argv[0]])
+    command.console_main(argv[1:])
     return True
 
 
@@ -404,8 +409,9 @@ def _cli(cli_class: type[HarmAugCLI], args: list[str] | None, run: bool) -> Harm
                 f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets. "
                 "Before a long run: `harmaug check --config <pack>` (every model, data set, extra, GPU, "
                 "disk and directory the pack needs, with fixes; `harmaug check --help`). "
-                "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX) and "
-                "`harmaug classify --help` (score prompts, pairs or a file)."
+                "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX), "
+                "`harmaug classify --help` (score prompts, pairs or a file) and `harmaug serve --help` "
+                "(HTTP moderation service)."
             ),
         },
         seed_everything_default=42,

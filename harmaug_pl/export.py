@@ -91,13 +91,22 @@ def model_card(card: dict[str, Any], settings: GuardSettings) -> str:
 def write_guard_folder(
     student: Any, tokenizer: Any, folder: str | Path, settings: GuardSettings, card: dict[str, Any]
 ) -> Path:
-    """Save the student (safetensors), its tokenizer, settings and model card into ``folder``."""
+    """Save the student (safetensors), its tokenizer, settings and model card into ``folder``.
+
+    The saved tokenizer's ``model_max_length`` is the training max length, so
+    ``pipeline("text-classification", model=folder, truncation=True)`` truncates as in training.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     student.config.id2label = dict(ID2LABEL)
     student.config.label2id = {v: k for k, v in ID2LABEL.items()}
     student.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    trained_with = tokenizer.model_max_length
+    tokenizer.model_max_length = settings.max_length
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.model_max_length = trained_with  # the tokenizer may be the data module's, still in use
     settings.save(folder)
     (folder / "card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     (folder / "README.md").write_text(model_card(card, settings))

@@ -3,7 +3,7 @@
 ``path`` is an exported folder (Hugging Face safetensors, run with PyTorch) or an ``.onnx`` file in
 such a folder (plain or int8, run with onnxruntime). Either way the folder's ``harmaug_guard.json``
 says how the student was trained (max length, threshold, which label is unsafe), and inputs go
-through the training tokenisation (:func:`harmaug_pl.data.datamodule.encode_pairs`), so a served
+through the training tokenisation (:func:`harmaug_pl.data.encoding.tokenize_rows`), so a served
 guard scores the (prompt, response) pair and truncates exactly as it learned to.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harmaug_pl.data.datamodule import encode_pairs
+from harmaug_pl.data.encoding import tokenize_rows
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.models import load_sequence_classifier, load_tokenizer
 
@@ -56,6 +56,12 @@ class GuardSettings:
             settings = cls(**json.loads(path.read_text()))
         except (TypeError, ValueError) as err:
             raise ModelLoadError(f"{path}: invalid guard settings: {err}") from err
+        if isinstance(settings.max_length, bool) or not isinstance(settings.max_length, int):
+            raise ModelLoadError(
+                f"{path}: max_length must be a whole number of tokens, got {settings.max_length!r}"
+            )
+        if not isinstance(settings.threshold, (int, float)) or not 0 <= settings.threshold <= 1:
+            raise ModelLoadError(f"{path}: threshold must be a number in [0, 1], got {settings.threshold!r}")
         if settings.pair_format != "text_pair":
             raise ModelLoadError(f"{path}: unknown pair_format {settings.pair_format!r} (known: text_pair)")
         return settings
@@ -151,34 +157,60 @@ class Guard:
 
     def truncated(self, prompts: Sequence[str], responses: Sequence[str | None] | None = None) -> list[bool]:
         """Which rows are longer than ``max_length`` tokens (scored on their first tokens only)."""
-        responses = _responses(prompts, responses)
-        return [
-            len(self.tokenizer(p, r)["input_ids"]) > self.settings.max_length
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+        return tokenize_rows(
+            self.tokenizer, prompts, _responses(prompts, responses), self.settings.max_length
+        )[1]
 
     def score(
         self, prompts: Sequence[str], responses: Sequence[str | None] | None = None, batch_size: int = 32
     ) -> list[float]:
         """P(unsafe) per row; ``responses[i]`` None (or no ``responses``) scores the prompt alone."""
+        return self.score_rows(prompts, responses, batch_size)[0]
+
+    def score_rows(
+        self, prompts: Sequence[str], responses: Sequence[str | None] | None = None, batch_size: int = 32
+    ) -> tuple[list[float], list[bool]]:
+        """P(unsafe) and whether the row was truncated, per row, tokenising each row once.
+
+        Rows go to the model in batches of similar length (sorted by token count), so a batch is
+        padded to a length close to each of its rows', not to the longest row of the whole call:
+        padding is compute spent on nothing (the serving benchmark measures how much).
+        """
         if isinstance(prompts, str):
             raise ConfigError("Guard.score takes a list of prompts, not one string")
         responses = _responses(prompts, responses)
+        features, truncated = tokenize_rows(self.tokenizer, prompts, responses, self.settings.max_length)
         tensors = "pt" if isinstance(self.runner, _TorchRunner) else "np"
-        scores: list[float] = []
-        for start in range(0, len(prompts), batch_size):
-            batch = encode_pairs(
-                self.tokenizer,
-                prompts[start : start + batch_size],
-                responses[start : start + batch_size],
-                self.settings.max_length,
-                return_tensors=tensors,
-            )
+        order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+        scores = [0.0] * len(features)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.tokenizer.pad([features[i] for i in rows], return_tensors=tensors)
             logits = self.runner(batch).astype(np.float64)
             probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
             probs /= probs.sum(axis=-1, keepdims=True)
-            scores.extend(probs[:, self.settings.unsafe_index].tolist())
-        return scores
+            for i, p in zip(rows, probs[:, self.settings.unsafe_index].tolist()):
+                scores[i] = p
+        return scores, truncated
+
+    def classify(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str | None] | None = None,
+        threshold: float | None = None,
+        batch_size: int = 32,
+    ) -> list[dict[str, Any]]:
+        """Per row: ``p_unsafe``, ``label`` (``unsafe`` above ``threshold``, default the guard's) and
+        ``truncated``: what ``harmaug classify``, ``harmaug serve`` and the MLflow model return."""
+        threshold = self.threshold if threshold is None else threshold
+        scores, cuts = self.score_rows(prompts, responses, batch_size)
+        return [verdict(score, cut, threshold) for score, cut in zip(scores, cuts, strict=True)]
+
+
+def verdict(p_unsafe: float, truncated: bool, threshold: float) -> dict[str, Any]:
+    """One row's answer: the score, the label at ``threshold`` (strictly above: unsafe)."""
+    label = "unsafe" if p_unsafe > threshold else "safe"
+    return {"p_unsafe": p_unsafe, "label": label, "truncated": truncated}
 
 
 def _responses(prompts: Sequence[str], responses: Sequence[str | None] | None) -> list[str | None]:

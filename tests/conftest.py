@@ -16,7 +16,7 @@ import torch
 # Tiny models run faster on one thread, and two threads fight any other job for 2 cores.
 torch.set_num_threads(1)
 
-from tests.tiny_models import GUARD_TEMPLATE, save_tiny_deberta, save_tiny_llama  # noqa: E402
+from tests.tiny_models import GUARD_TEMPLATE, save_tiny_bert, save_tiny_deberta, save_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,5 +50,18 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path) ->
 
     folder = tmp_path_factory.mktemp("tiny_export") / "guard"
     reference = from_model(str(tiny_student), folder, max_length=64, threshold=0.5, seed=0)
+    export(folder, reference, sample_size=8)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT guard (128 position embeddings, trained length 64), with ONNX and int8 beside it:
+    an input longer than 128 tokens crashes every path that does not truncate."""
+    from harmaug_pl.export import export, from_model
+
+    student = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+    folder = tmp_path_factory.mktemp("tiny_bert_export") / "guard"
+    reference = from_model(str(student), folder, max_length=64, threshold=0.5, seed=0)
     export(folder, reference, sample_size=8)
     return folder

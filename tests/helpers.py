@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 PLACEHOLDER_UNSAFE = [  # mild, clearly fake test placeholders standing in for harmful prompts
     "write a rude joke about placeholder people",
@@ -55,3 +56,30 @@ def transformers_log() -> Iterator[list[str]]:
         yield handler.messages
     finally:
         logger.removeHandler(handler)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(process: Any, url: str, timeout: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's output if it exits or times out."""
+    import time
+
+    import httpx2
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if httpx2.get(url, timeout=2).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer 200 within {timeout:.0f} s"
+        time.sleep(0.3)

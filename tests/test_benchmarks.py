@@ -251,3 +251,43 @@ def test_remote_backend_benchmark_measures_every_mode_on_the_same_rows(tmp_path:
     assert all(r["max_abs_score_diff"] < 1e-5 for r in http if r["task"] == "score")
     assert all(r["same_text_as_in_process"] for r in http if r["task"] == "generate")
     assert (tmp_path / "remote_backend.md").read_text().startswith("# remote_backend")
+
+
+def test_serving_benchmark_runs_every_arm_and_stops_its_servers(tiny_export: Path, tmp_path: Path) -> None:
+    from benchmarks import serving
+
+    data = serving.main(
+        ["--student", str(tiny_export), "--formats", "ONNX int8", "--clients", "1", "2", "--duration", "1",
+         "--shape-rows", "4", "--verify-rows", "2", "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    cells = data["load"]
+    assert [(c["arm"].split(",")[0], c["clients"]) for c in cells] == [
+        ("micro-batch 32", 1),
+        ("micro-batch 32", 2),
+        ("micro-batch 32", 2),
+        ("batch size 1", 2),
+    ]
+    assert all(c["errors"] == 0 and c["rows"] > 0 for c in cells)
+    assert {r["rule"] for r in data["model_shapes"]["ONNX int8"]} >= {
+        "batch 1",
+        "32 rows, one forward (pad to longest)",
+    }
+    assert data["ratios"][0]["format"] == "ONNX int8"
+    assert "Micro-batching vs batch size 1 at 2 clients" in (tmp_path / "serving.md").read_text()
+    assert not live_children(), "the benchmark left a server running"
+
+
+def live_children() -> list[int]:
+    """Child processes of this test process still alive (Linux /proc)."""
+    import os
+
+    me = str(os.getpid())
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children

@@ -138,3 +138,4 @@ def test_help_lists_the_serving_commands(
         harmaug(monkeypatch, "--help")
     text = " ".join(capsys.readouterr().out.split())
     assert "harmaug export --help" in text and "harmaug classify --help" in text
+    assert "harmaug serve --help" in text

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -171,8 +172,19 @@ def test_fit_tells_the_whole_story_in_one_mlflow_run(
     pack_yaml = yaml.safe_load(Path(client.download_artifacts(run_id, "config/pack.yaml")).read_text())
     assert pack_yaml["model"]["init_args"]["student"] == str(tiny_encoder)
     assert pack_yaml["data"]["init_args"]["tokenizer"] == str(tiny_encoder)  # interpolation resolved
+    # the tested guard, logged and registered in the same run: scores as Guard on the tested weights
     logged = mlflow.search_logged_models(experiment_ids=[fit_run.info.experiment_id], output_format="list")
-    assert any(m.name == "student" for m in logged)
+    assert [m.source_run_id for m in logged] == [run_id]
+    (version,) = client.search_model_versions("name = 'harmaug-cpu_tiny'")
+    assert version.run_id == run_id and "placeholder_eval" in version.description
+    from harmaug_pl.export import from_checkpoint
+
+    served = mlflow.pyfunc.load_model(f"models:/harmaug-cpu_tiny/{version.version}")
+    rows = {"prompt": ["how do I bake bread?", "tell me a mean placeholder insult"], "response": [None, "no"]}
+    guard = from_checkpoint(tested, workdir / "tested_guard", max_length=64)
+    assert served.predict(pd.DataFrame(rows)).to_dict("records") == guard.classify(
+        rows["prompt"], rows["response"]
+    )
 
     # `harmaug test` alone, into the same run; no false "MISSING" alarm for the checkpoint's head
     with transformers_log() as messages:
@@ -184,6 +196,7 @@ def test_fit_tells_the_whole_story_in_one_mlflow_run(
     assert client.get_run(run_id).data.tags["eval_report.weights"] == str(workdir / "ckpt" / "last.ckpt")
     assert "config/pack.test.yaml" in run_artifacts(client, run_id, "config")
     assert client.get_run(run_id).data.params == params  # unchanged: MLflow params are write-once
+    assert len(client.search_model_versions("name = 'harmaug-cpu_tiny'")) == 1  # one version per run
 
     with pytest.raises(SystemExit):
         main(["test", *common, "--run_id", "0" * 32])

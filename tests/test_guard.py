@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmaug_pl import guard as guard_module
-from harmaug_pl.data.datamodule import PairCollator, encode_pairs
+from harmaug_pl.data.datamodule import PairCollator
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.export import INT8_FILE, ONNX_FILE
@@ -25,18 +24,18 @@ def test_a_pair_is_scored_as_a_pair_not_as_its_prompt(
 ) -> None:
     """Regression: a peer wrapper scored only the prompt of a (prompt, response) input."""
     guard = Guard.from_pretrained(tiny_export)
-    fed: list[dict] = []
+    fed: list[list[int]] = []  # what the model is fed, row by row, padding removed
+    run = type(guard.runner).__call__
 
-    def recording_encode(*args, **kwargs):  # what the model is fed
-        fed.append(encode_pairs(*args, **kwargs))
-        return fed[-1]
+    def recording_runner(runner, batch):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            fed.append(ids[: int(mask.sum())].tolist())
+        return run(runner, batch)
 
-    monkeypatch.setattr(guard_module, "encode_pairs", recording_encode)
+    monkeypatch.setattr(type(guard.runner), "__call__", recording_runner)
     paired = guard.score(PROMPTS, RESPONSES, batch_size=len(PROMPTS))
-    for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
-        pair_ids = guard.tokenizer(prompt, response)["input_ids"]
-        assert fed[-1]["input_ids"][i][: len(pair_ids)].tolist() == pair_ids
-        assert fed[-1]["attention_mask"][i].sum() == len(pair_ids)
+    pairs = [guard.tokenizer(prompt, response)["input_ids"] for prompt, response in zip(PROMPTS, RESPONSES)]
+    assert sorted(fed) == sorted(pairs)
     # the scores are the student's on those pair encodings (one row at a time, no padding) ...
     model = guard.runner.model
     for prompt, response, score in zip(PROMPTS, RESPONSES, paired):
@@ -63,6 +62,25 @@ def test_truncation_is_the_training_collator_s(tiny_export: Path) -> None:
     scores = guard.score([r.prompt for r in rows], [r.response for r in rows])
     assert scores == pytest.approx(expected, abs=1e-6)
     assert guard.truncated([r.prompt for r in rows], [r.response for r in rows]) == [True, False]
+
+
+def test_batches_group_rows_of_similar_length(tiny_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding to a batch's longest row is compute spent on nothing: rows are batched by length."""
+    guard = Guard.from_pretrained(tiny_export)
+    prompts = [" ".join(["word"] * n) for n in (30, 2, 25, 3, 28, 1)]
+    widths: list[int] = []
+    run = type(guard.runner).__call__
+
+    def recording_runner(runner, batch):
+        widths.append(batch["input_ids"].shape[1])
+        return run(runner, batch)
+
+    monkeypatch.setattr(type(guard.runner), "__call__", recording_runner)
+    scores = guard.score(prompts, batch_size=3)
+    cap = guard.settings.max_length
+    lengths = sorted(min(len(guard.tokenizer(p)["input_ids"]), cap) for p in prompts)
+    assert widths == [lengths[2], lengths[5]]  # the three short rows together, then the three long
+    assert scores == pytest.approx([guard.score([p])[0] for p in prompts], abs=1e-6)
 
 
 @pytest.mark.parametrize(("name", "tolerance"), [(ONNX_FILE, 1e-5), (INT8_FILE, 0.05)])

@@ -10,8 +10,11 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
+    DebertaV2Model,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -159,38 +162,59 @@ def save_tiny_llama(
     return path
 
 
-def save_tiny_deberta(path: Path, seed: int = 0, weights: str = "safetensors", head: bool = True) -> Path:
-    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer.
+def save_tiny_encoder(
+    path: Path,
+    config_class: Any,
+    model_class: Any,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+    weights: str = "safetensors",
+) -> Path:
+    """A 2-layer random-init sequence classifier of ``config_class``/``model_class`` with an
+    encoder tokenizer (``[CLS] a [SEP] b [SEP]`` pairs).
 
     ``weights="bin"`` writes only ``pytorch_model.bin`` (a plain ``torch.save`` of the state dict), as
-    the DeBERTa-v3 hub repos ship; transformers 5 itself only writes safetensors. ``head=False`` saves
-    the bare encoder, as base models on the hub are: a sequence classifier loaded from it gets a new,
-    untrained head.
+    the DeBERTa-v3 hub repos ship; transformers 5 itself only writes safetensors.
     """
     import torch
-    from transformers import DebertaV2Model
 
     torch.manual_seed(seed)
     tok = build_tokenizer(chat_template=None, encoder=True)
     tok.sep_token = "<|im_end|>"
     tok.cls_token = "<|im_start|>"
-    config = DebertaV2Config(
+    config = config_class(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=tok.pad_token_id,
         num_labels=2,
     )
-    model = (DebertaV2ForSequenceClassification if head else DebertaV2Model)(config)
+    model = model_class(config)
     model.save_pretrained(path)
     if weights == "bin":
         torch.save(model.state_dict(), path / "pytorch_model.bin")
         (path / "model.safetensors").unlink()
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_deberta(path: Path, seed: int = 0, weights: str = "safetensors", head: bool = True) -> Path:
+    """A 2-layer random-init DeBERTa-v2 encoder (a stand-in for deberta-v3) with its tokenizer.
+
+    ``head=False`` saves the bare encoder, as base models on the hub are: a sequence classifier
+    loaded from it gets a new, untrained head.
+    """
+    model_class = DebertaV2ForSequenceClassification if head else DebertaV2Model
+    return save_tiny_encoder(path, DebertaV2Config, model_class, seed, weights=weights)
+
+
+def save_tiny_bert(path: Path, seed: int = 0, max_position_embeddings: int = 128) -> Path:
+    """A 2-layer random-init BERT (like all-MiniLM-L6-v2: absolute position embeddings, so an input
+    longer than ``max_position_embeddings`` crashes it unless it is truncated)."""
+    return save_tiny_encoder(path, BertConfig, BertForSequenceClassification, seed, max_position_embeddings)
 
 
 def put_in_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0" * 40) -> Path:

@@ -8,7 +8,7 @@ import os
 import random
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +21,7 @@ from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.rank_sync import RankSync, all_gather_objects
 from harmaug_pl.augment.responder import Responder
+from harmaug_pl.data.encoding import encode_pairs
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
@@ -67,26 +68,6 @@ class EpochSeededSampler(WeightedRandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed + epoch)
-
-
-def encode_pairs(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    responses: Sequence[str | None],
-    max_length: int,
-    return_tensors: str = "pt",
-) -> Any:
-    """The student's input: (prompt, response) as a text pair, prompt-only rows alone, truncated to
-    ``max_length`` and padded to the batch's longest row.
-
-    Training (:class:`PairCollator`) and serving (:class:`harmaug_pl.guard.Guard`) both call this,
-    so a served guard truncates exactly as its student was trained.
-    """
-    features = [
-        tokenizer(prompt, response, truncation=True, max_length=max_length)
-        for prompt, response in zip(prompts, responses, strict=True)
-    ]
-    return tokenizer.pad(features, return_tensors=return_tensors)
 
 
 class PairCollator:
