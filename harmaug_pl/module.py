@@ -191,9 +191,12 @@ class DistillationModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.test_names[dataloader_idx]
         probs, target = self._update(self.test_metrics, name, batch)
-        teacher = batch["teacher_score"][batch["label"] >= 0]
+        labelled = batch["label"] >= 0
+        teacher = batch["teacher_score"][labelled]
+        # eval batches may come in length order: the row positions put the outputs back in row order
+        rows = batch["row_index"][labelled] if "row_index" in batch else torch.full_like(target, -1)
         self._test_buffers.setdefault(name, []).append(
-            (probs.detach().cpu(), target.detach().cpu(), teacher.detach().cpu())
+            (probs.detach().cpu(), target.detach().cpu(), teacher.detach().cpu(), rows.detach().cpu())
         )
 
     def on_test_epoch_start(self) -> None:
@@ -252,14 +255,15 @@ class DistillationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch(self.test_metrics, self.test_names)
-        self.test_outputs = {
-            name: ScoredSet(
-                target=torch.cat([t for _, t, _ in parts]).numpy(),
-                student=torch.cat([p for p, _, _ in parts]).double().numpy(),
-                teacher=torch.cat([s for _, _, s in parts]).double().numpy(),
+        self.test_outputs = {}
+        for name, parts in self._test_buffers.items():
+            probs, target, teacher, rows = (torch.cat(columns) for columns in zip(*parts))
+            order = torch.argsort(rows, stable=True)  # row order (batches without positions: as seen)
+            self.test_outputs[name] = ScoredSet(
+                target=target[order].numpy(),
+                student=probs[order].double().numpy(),
+                teacher=teacher[order].double().numpy(),
             )
-            for name, parts in self._test_buffers.items()
-        }
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
@@ -33,16 +33,38 @@ RESERVED_SET_NAMES = frozenset({"val", "mean"})
 
 
 class ExampleDataset(Dataset):
-    """A list of guard examples; tokenisation happens in the collator (dynamic padding)."""
+    """A list of guard examples; tokenisation happens in the collator (dynamic padding).
 
-    def __init__(self, examples: list[GuardExample]) -> None:
+    ``indexed``: items are ``(position, example)``, so the collator can tell the model which rows a
+    batch holds (eval batches come in length order, and reports want the rows' own order back).
+    """
+
+    def __init__(self, examples: list[GuardExample], indexed: bool = False) -> None:
         self.examples = examples
+        self.indexed = indexed
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> GuardExample:
-        return self.examples[index]
+    def __getitem__(self, index: int) -> GuardExample | tuple[int, GuardExample]:
+        return (index, self.examples[index]) if self.indexed else self.examples[index]
+
+
+class LengthSortedSampler(Sampler[int]):
+    """Every row once, shortest first (characters of prompt + response; ties keep their order).
+
+    Eval batches are padded to their longest row: in file order most rows of a 128-row batch are
+    padding, in length order almost none are. Metrics do not depend on the order.
+    """
+
+    def __init__(self, rows: Sequence[GuardExample]) -> None:
+        self.order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt) + len(rows[i].response or ""))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
 
 
 class EpochSeededSampler(WeightedRandomSampler):
@@ -92,7 +114,9 @@ class PairCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, rows: list[GuardExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[GuardExample] | list[tuple[int, GuardExample]]) -> dict[str, torch.Tensor]:
+        positions = [item[0] for item in items] if items and isinstance(items[0], tuple) else None
+        rows = [item[1] for item in items] if positions is not None else items
         batch = encode_pairs(
             self.tokenizer, [row.prompt for row in rows], [row.response for row in rows], self.max_length
         )
@@ -100,6 +124,8 @@ class PairCollator:
             [row.teacher_score if row.teacher_score is not None else float("nan") for row in rows]
         )
         batch["label"] = torch.tensor([row.label if row.label is not None else -1 for row in rows])
+        if positions is not None:
+            batch["row_index"] = torch.tensor(positions)
         return dict(batch)
 
 
@@ -348,9 +374,11 @@ class HarmAugDataModule(L.LightningDataModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- loaders ------------------------------------------------------------------------------
-    def _loader(self, rows: list[GuardExample], batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, rows: list[GuardExample], batch_size: int, indexed: bool = False, **kwargs: Any
+    ) -> DataLoader:
         return DataLoader(
-            ExampleDataset(rows),
+            ExampleDataset(rows, indexed=indexed),
             batch_size=batch_size,
             collate_fn=PairCollator(self.tokenizer, self.max_length),
             num_workers=self.num_workers,
@@ -368,12 +396,17 @@ class HarmAugDataModule(L.LightningDataModule):
         sampler = EpochSeededSampler(weights, self.split_seed)
         return self._loader(self.train_rows, self.batch_size, sampler=sampler)
 
+    def _eval_loader(self, rows: list[GuardExample]) -> DataLoader:
+        """Batches of similar length (see :class:`LengthSortedSampler`); each batch names its rows."""
+        return self._loader(rows, self.eval_batch_size, indexed=True, sampler=LengthSortedSampler(rows))
+
     def val_dataloader(self) -> list[DataLoader]:
         sets = [self.val_rows, *(self.eval_rows[name] for name in self.eval_set_names)]
-        return [self._loader(rows, self.eval_batch_size) for rows in sets]
+        return [self._eval_loader(rows) for rows in sets]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self.eval_rows[name], self.eval_batch_size) for name in self.eval_set_names]
+        return [self._eval_loader(self.eval_rows[name]) for name in self.eval_set_names]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return self.test_dataloader()
+        """In the rows' own order: predictions line up with the eval files."""
+        return [self._loader(self.eval_rows[name], self.eval_batch_size) for name in self.eval_set_names]
