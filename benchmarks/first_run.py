@@ -191,6 +191,7 @@ def probe_main(result_file: Path, argv: list[str]) -> None:
     """``harmaug <argv>`` in this process, every phase timed; the timings go to ``result_file``."""
     started_at = time.time()
     CLOCK.add("python interpreter start-up", seconds_since_process_start(), time.process_time())
+    CLOCK.totals["python interpreter start-up"]["count"] = 1
     load_start = load_average()
     with CLOCK.phase("imports (harmaug_pl.cli: torch, lightning, transformers, mlflow...)"):
         from harmaug_pl import cli
@@ -338,7 +339,8 @@ def run(
         env = {**os.environ, "PIP_CACHE_DIR": str(root / "pip-cache"), "UV_CACHE_DIR": str(root / "uv-cache")}
         logs = root / "logs"
         logs.mkdir()
-        trace = ["bash", "-c", 'PS4="+ ${EPOCHREALTIME} "; set -x; . "$0"', "scripts/install.sh"]
+        # xtrace with a timestamp per command (the single quotes defer ${EPOCHREALTIME} to each line)
+        trace = ["bash", "-c", "PS4='+ ${EPOCHREALTIME} '; set -x; . \"$0\"", "scripts/install.sh"]
         install = run_command(trace, clone, env, logs / "install.log")
         install["steps"] = install_steps(logs / "install.log")
         commands: dict[str, Any] = {"install": install}
