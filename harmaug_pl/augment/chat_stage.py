@@ -26,6 +26,17 @@ def chat_length(chat: Chat) -> int:
     return sum(len(message["content"]) for message in chat)
 
 
+def length_order(chats: Sequence[Chat], window: int) -> list[int]:
+    """Chat indices sorted by :func:`chat_length` within consecutive windows of ``window`` chats."""
+    return [
+        index
+        for start in range(0, len(chats), window)
+        for index in sorted(
+            range(start, min(start + window, len(chats))), key=lambda i: (chat_length(chats[i]), i)
+        )
+    ]
+
+
 def is_sample(value: dict[str, Any]) -> bool:
     """A cached sample is its text and the seed it was sampled with."""
     return isinstance(value.get("text"), str) and isinstance(value.get("seed"), int)
@@ -104,15 +115,7 @@ class ChatStage:
         alone (every rank and every resumed run cuts the same batches), and asking for more requests
         later leaves the batches of every full window as they were (their cached rows are not redone).
         """
-        window = self.sort_window * self.batch_size
-        order = [
-            index
-            for start in range(0, len(requests), window)
-            for index in sorted(
-                range(start, min(start + window, len(requests))),
-                key=lambda i: (chat_length(requests[i].chat), i),
-            )
-        ]
+        order = length_order([r.chat for r in requests], self.sort_window * self.batch_size)
         ordered = [requests[i] for i in order]
         result = run_stage(
             cache_dir,
