@@ -30,7 +30,7 @@ from benchmarks.common import (
     peak_rss_mib,
     write_results,
 )
-from harmaug_pl.augment.chat_stage import length_order
+from harmaug_pl.augment.chat_stage import length_order, prompt_lengths
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.backends import TransformersBackend
 from harmaug_pl.backends.base import Chat, SamplingConfig
@@ -123,7 +123,7 @@ def measure(
     """
     sorted_batches, cached = MODES[mode]
     if sorted_batches:
-        chats = [chats[i] for i in length_order(chats, sort_window * batch_size)]
+        chats = [chats[i] for i in length_order(prompt_lengths(backend, chats), sort_window * batch_size)]
     backend.prefix_caching = cached and prefix_caching
     with TokenCounter(backend.lm) as counter:
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -523,6 +523,26 @@ def test_batches_are_cut_in_length_order_within_each_window(tmp_path: Path) -> N
     assert [value["text"] for value in result.values] == [request.chat[0]["content"] for request in requests]
 
 
+class CountingEchoBackend(EchoBackend):
+    """Counts prompt tokens its own way (here: minus the characters), as a real tokenizer would."""
+
+    def prompt_lengths(self, chats: Sequence[Chat]) -> list[int]:
+        return [-chat_length(chat) for chat in chats]
+
+
+def test_batches_follow_the_backends_token_counts_when_it_has_them(tmp_path: Path) -> None:
+    backend = CountingEchoBackend()
+    generator = InstructionGenerator(backend, num_instructions=6, batch_size=2, seed=7, sort_window=3)
+    generator.run(generator.requests(SEED), tmp_path)
+    lengths = [chat_length(chat) for chat in backend.chats]
+    assert lengths == sorted(lengths, reverse=True)  # its counts, not the characters, decided
+    single = CountingEchoBackend()
+    plain = InstructionGenerator(single, num_instructions=6, batch_size=2, seed=7, sort_window=1)
+    requests = plain.requests(SEED)
+    plain.run(requests, tmp_path / "plain")
+    assert single.chats == [request.chat for request in requests]  # sort_window 1: request order
+
+
 def test_close_frees_each_model_once(tmp_path: Path) -> None:
     shared, teacher = FakeBackend(), FakeTeacher()
     pipeline = AugmentationPipeline(InstructionGenerator(shared), Responder(shared), teacher)

@@ -97,6 +97,7 @@ def test_prefix_caching_gives_the_same_logits_and_tokens(tiny_llama: Path) -> No
         prefix = cached.shared_prefix_length(ids)
         assert prefix == len(os.path.commonprefix(ids)) >= MIN_SHARED_PREFIX_TOKENS  # the system turn
         assert plain.shared_prefix_length(ids) == 0 and cached.shared_prefix_length(ids[:1]) == 0
+        assert plain.prompt_lengths(CHATS) == [len(row) for row in ids]  # what chat stages sort by
         lm = plain.lm
         with torch.inference_mode():  # next-token logits: left-padded in one pass vs prefix computed once
             batch = plain._pad(ids)

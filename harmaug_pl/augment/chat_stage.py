@@ -22,18 +22,23 @@ class ChatRequest:
 
 
 def chat_length(chat: Chat) -> int:
-    """Characters in a chat's messages: what batches are sorted by (tokens follow characters)."""
+    """Characters in a chat's messages: the length batches are sorted by when the backend cannot count
+    its tokens (``prompt_lengths``)."""
     return sum(len(message["content"]) for message in chat)
 
 
-def length_order(chats: Sequence[Chat], window: int) -> list[int]:
-    """Chat indices sorted by :func:`chat_length` within consecutive windows of ``window`` chats."""
+def prompt_lengths(backend: ChatBackend, chats: Sequence[Chat]) -> list[int]:
+    """The backend's prompt token counts when it has ``prompt_lengths``, else :func:`chat_length`."""
+    counter = getattr(backend, "prompt_lengths", None)
+    return list(counter(chats)) if counter is not None else [chat_length(chat) for chat in chats]
+
+
+def length_order(lengths: Sequence[int], window: int) -> list[int]:
+    """Indices sorted by length (ties: by index) within consecutive windows of ``window`` items."""
     return [
         index
-        for start in range(0, len(chats), window)
-        for index in sorted(
-            range(start, min(start + window, len(chats))), key=lambda i: (chat_length(chats[i]), i)
-        )
+        for start in range(0, len(lengths), window)
+        for index in sorted(range(start, min(start + window, len(lengths))), key=lambda i: (lengths[i], i))
     ]
 
 
@@ -115,7 +120,10 @@ class ChatStage:
         alone (every rank and every resumed run cuts the same batches), and asking for more requests
         later leaves the batches of every full window as they were (their cached rows are not redone).
         """
-        order = length_order([r.chat for r in requests], self.sort_window * self.batch_size)
+        order = list(range(len(requests)))
+        if self.sort_window > 1:
+            lengths = prompt_lengths(self.backend, [r.chat for r in requests])
+            order = length_order(lengths, self.sort_window * self.batch_size)
         ordered = [requests[i] for i in order]
         result = run_stage(
             cache_dir,

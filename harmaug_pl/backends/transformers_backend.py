@@ -252,6 +252,10 @@ class TransformersBackend:
         device = self.lm.device
         return {name: tensor.to(device) for name, tensor in batch.items()}
 
+    def prompt_lengths(self, chats: Sequence[Chat]) -> list[int]:
+        """Tokens each chat's prompt has as :meth:`generate` renders it (chat stages sort batches by it)."""
+        return [len(row) for row in self._token_ids(self.render(chats))]
+
     def shared_prefix_length(self, ids: list[list[int]]) -> int:
         """How many leading tokens :meth:`generate` computes once for all rows (0: none).
 
