@@ -6,7 +6,7 @@ loading is timed separately and excluded from the throughput numbers. "New token
 row really needed (up to its end-of-sequence token); "useful slots" is their share of what the batches
 computed: a batch keeps decoding rows that already stopped, the price batching pays for parallelism.
 
-    python -m benchmarks.generation_throughput [--n 32] [--batch-sizes 1 8 32] [--threads 2]
+    python -m benchmarks.generation_throughput [--n 96] [--batch-sizes 8 32] [--modes request stage]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def measure(
 
 def run(
     model: str,
-    n: int = 32,
+    n: int = 96,
     batch_sizes: list[int] | None = None,
     max_new_tokens: int | None = 40,
     threads: int | None = None,
@@ -264,7 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--model", default=None, help="model reference (default: the pack generator's)")
     parser.add_argument("--pack", default=DEFAULT_PACK, help="pack whose seed data and sampling to use")
-    parser.add_argument("--n", type=int, default=32, help="number of generator chats")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=96,
+        help="number of generator chats (more than a batch, or nothing is sorted)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help="1 is always added")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
