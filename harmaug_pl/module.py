@@ -72,9 +72,10 @@ def metric_collection(threshold: float, prefix: str) -> MetricCollection:
 class DistillationModule(L.LightningModule):
     """Student encoder trained on teacher labels; evaluated per named eval set.
 
-    Validation dataloaders are ``[val, *eval_sets]`` and test dataloaders ``eval_sets``, in the order
-    of ``datamodule.eval_set_names``. On ``val`` the target is the teacher's hard label (agreement
-    with the teacher); on eval sets it is the human label. ``mean/*`` averages the eval sets.
+    Validation dataloaders are ``[val, *validation_eval_set_names]`` and test dataloaders
+    ``eval_sets``, in the order of ``datamodule.eval_set_names``. On ``val`` the target is the
+    teacher's hard label (agreement with the teacher); on eval sets it is the human label. ``mean/*``
+    averages the eval sets.
 
     After each validation epoch the decision threshold is calibrated on the val split
     (``threshold_calibration``: ``max_f1`` or the lowest threshold with FPR <= ``target_fpr``, against
@@ -136,7 +137,7 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         eval_names = list(getattr(datamodule, "eval_set_names", []))
-        self.val_names = ["val", *eval_names]
+        self.val_names = ["val", *getattr(datamodule, "validation_eval_set_names", eval_names)]
         self.test_names = eval_names
         for names, store in ((self.val_names, self.val_metrics), (self.test_names, self.test_metrics)):
             for name in names:

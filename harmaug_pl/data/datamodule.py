@@ -189,7 +189,9 @@ class HarmAugDataModule(L.LightningDataModule):
     ``setup`` loads the seed data, runs generator -> responder -> teacher (sharded across ranks, a
     barrier between stages, every rank then reads the full set), splits train/val and tokenises
     with the student's tokenizer. ``augment: false`` gives the KD-only baseline on the same pack.
-    Eval sets are served as one val/test dataloader each, named by their key. Their rows without a
+    Eval sets are served as one val/test dataloader each, named by their key (as val dataloaders
+    only with ``validate_on_eval_sets``: per-epoch curves, at the cost of scoring every eval row in
+    every validation pass; without it the test pass scores them once). Their rows without a
     human label are left out (counted in ``eval_unlabelled``); with ``score_eval_with_teacher`` the
     teacher scores every remaining row through the same cache, so reports compare student and
     teacher on the same rows.
@@ -216,6 +218,7 @@ class HarmAugDataModule(L.LightningDataModule):
         num_workers: int = 0,
         trust_remote_code: bool = False,
         score_eval_with_teacher: bool = True,
+        validate_on_eval_sets: bool = True,
     ) -> None:
         super().__init__()
         if augment and generator is None:
@@ -246,6 +249,7 @@ class HarmAugDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.trust_remote_code = trust_remote_code
         self.score_eval_with_teacher = score_eval_with_teacher
+        self.validate_on_eval_sets = validate_on_eval_sets
         self.pipeline = AugmentationPipeline(
             generator=generator if augment else None,
             responder=responder if augment else None,
@@ -262,6 +266,11 @@ class HarmAugDataModule(L.LightningDataModule):
     @property
     def eval_set_names(self) -> list[str]:
         return list(self.eval_sources)
+
+    @property
+    def validation_eval_set_names(self) -> list[str]:
+        """The eval sets scored in validation passes, after the val split (see ``validate_on_eval_sets``)."""
+        return self.eval_set_names if self.validate_on_eval_sets else []
 
     @property
     def tokenizer(self) -> Any:
@@ -410,7 +419,7 @@ class HarmAugDataModule(L.LightningDataModule):
         return self._loader(rows, self.eval_batch_size, indexed=True, sampler=LengthSortedSampler(lengths))
 
     def val_dataloader(self) -> list[DataLoader]:
-        sets = [self.val_rows, *(self.eval_rows[name] for name in self.eval_set_names)]
+        sets = [self.val_rows, *(self.eval_rows[name] for name in self.validation_eval_set_names)]
         return [self._eval_loader(rows) for rows in sets]
 
     def test_dataloader(self) -> list[DataLoader]:
