@@ -116,9 +116,11 @@ def test_fit_then_test_logs_everything_to_mlflow(workdir: Path, tiny_llama: Path
     assert params["model/init_args/alpha"] == "0.5"
     assert params["data/init_args/augment"] == "True"
     metrics = fit_run.data.metrics
-    for key in ("val/auprc", "placeholder_eval/auprc", "placeholder_eval/f1", "mean/auprc", "train/loss"):
+    for key in ("val/auprc", "val/f1", "train/loss"):
         assert key in metrics, key
         assert 0.0 <= metrics[key] <= 1.0 or key == "train/loss"
+    # cpu_tiny validates on the val split only: the eval sets are scored by the test pass
+    assert not {key for key in metrics if key.startswith(("placeholder_eval/", "mean/"))}
     assert metrics["augment/instructions_asked"] == 6
     assert metrics["augment/computed_generate"] == 0 and metrics["augment/cached_generate"] == 6
     assert metrics["augment/computed_label"] == 0
