@@ -344,6 +344,7 @@ def run(
         install = run_command(trace, clone, env, logs / "install.log")
         install["steps"] = install_steps(logs / "install.log")
         commands: dict[str, Any] = {"install": install}
+        (root / "commands.json").write_text(json.dumps(commands, indent=2))  # kept if the fit never ends
         fit_result = root / "fit_phases.json"
         commands["fit"] = run_command(
             probe_command(clone, fit_result, ["fit", "--config", PACK]), clone, env, logs / "fit.log"
