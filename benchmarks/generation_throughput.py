@@ -6,12 +6,13 @@ loading is timed separately and excluded from the throughput numbers. "New token
 row really needed (up to its end-of-sequence token); "useful slots" is their share of what the batches
 computed: a batch keeps decoding rows that already stopped, the price batching pays for parallelism.
 
-    python -m benchmarks.generation_throughput [--n 32] [--batch-sizes 1 8 32] [--threads 2]
+    python -m benchmarks.generation_throughput [--n 96] [--batch-sizes 8 32] [--modes request stage]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from benchmarks.common import (
     peak_rss_mib,
     write_results,
 )
+from harmaug_pl.augment.chat_stage import length_order, prompt_lengths
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.backends import TransformersBackend
 from harmaug_pl.backends.base import Chat, SamplingConfig
@@ -37,17 +39,30 @@ from harmaug_pl.data.loaders import DataSource, load_examples
 NAME = "generation_throughput"
 
 
+GENERATOR_SETTINGS = ("num_exemplars", "instruction", "user_template", "exemplar_format", "prefix", "seed")
+MODES = {  # mode -> (batches cut as the chat stage cuts them, the pack backend's prefix caching)
+    "request": (False, False),
+    "stage": (True, True),
+}
+
+
+def pack_generator(backend: TransformersBackend, pack: dict[str, Any]) -> InstructionGenerator:
+    """The pack's generator (exemplars, prefix, sort window) on ``backend``."""
+    given = pack["data"]["init_args"]["generator"]["init_args"]
+    settings = {key: value for key, value in given.items() if key in (*GENERATOR_SETTINGS, "sort_window")}
+    return InstructionGenerator(backend, **settings)
+
+
 def generator_chats(backend: TransformersBackend, n: int, pack: dict[str, Any]) -> list[Chat]:
     """The first ``n`` generator chats the pack would send: its seed rows, exemplar count and prefix."""
-    data = pack["data"]["init_args"]
-    settings = {
-        key: value
-        for key, value in data["generator"]["init_args"].items()
-        if key in ("num_exemplars", "instruction", "user_template", "exemplar_format", "prefix", "seed")
-    }
-    seed_rows = load_examples(DataSource(**data["seed_data"]), origin="seed").examples
-    generator = InstructionGenerator(backend, **settings)
-    return [request.chat for request in generator.requests(seed_rows, n)]
+    seed_rows = load_examples(DataSource(**pack["data"]["init_args"]["seed_data"]), origin="seed").examples
+    return [request.chat for request in pack_generator(backend, pack).requests(seed_rows, n)]
+
+
+def pack_prefix_caching(pack: dict[str, Any]) -> bool:
+    """Whether the pack's generator backend computes the chats' shared prefix once."""
+    backend = pack["data"]["init_args"]["generator"]["init_args"]["backend"].get("init_args", {})
+    return bool(backend.get("prefix_caching", False))
 
 
 def pack_sampling(pack: dict[str, Any], max_new_tokens: int | None) -> SamplingConfig:
@@ -92,17 +107,38 @@ class TokenCounter:
 
 
 def measure(
-    backend: TransformersBackend, chats: list[Chat], sampling: SamplingConfig, batch_size: int, seed: int = 0
+    backend: TransformersBackend,
+    chats: list[Chat],
+    sampling: SamplingConfig,
+    batch_size: int,
+    seed: int = 0,
+    mode: str = "request",
+    sort_window: int = 1,
+    prefix_caching: bool = False,
 ) -> dict[str, Any]:
-    """Generate for every chat in chunks of ``batch_size``; wall time, rows/s and new tokens/s."""
+    """Generate for every chat in chunks of ``batch_size``; wall and CPU time, rows/s and new tokens/s.
+
+    ``mode`` ``stage`` cuts the batches as the chat stages do (length order within windows of
+    ``sort_window`` batches) and uses ``prefix_caching``; ``request`` keeps the chats' order, no cache.
+    """
+    sorted_batches, cached = MODES[mode]
+    if sorted_batches:
+        chats = [chats[i] for i in length_order(prompt_lengths(backend, chats), sort_window * batch_size)]
+    backend.prefix_caching = cached and prefix_caching
     with TokenCounter(backend.lm) as counter:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for index, start in enumerate(range(0, len(chats), batch_size)):
             backend.generate(chats[start : start + batch_size], sampling, seed + index)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    label = (
+        "length order" + (" + prefix cache" if backend.prefix_caching else "")
+        if sorted_batches
+        else "request order"
+    )
     return {
         "batch_size": batch_size,
-        "mode": "sequential loop" if batch_size == 1 else "batched",
+        "mode": "sequential loop" if batch_size == 1 else f"batched, {label}",
+        "cpu_seconds": round(cpu, 3),
         "rows": len(chats),
         "seconds": round(seconds, 3),
         "rows_per_s": round(len(chats) / seconds, 3),
@@ -114,14 +150,15 @@ def measure(
 
 def run(
     model: str,
-    n: int = 32,
+    n: int = 96,
     batch_sizes: list[int] | None = None,
     max_new_tokens: int | None = 40,
     threads: int | None = None,
     pack: str = DEFAULT_PACK,
     out_dir: str | Path = RESULTS_DIR,
+    modes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Measure every batch size (1, the sequential loop, always included) and write the results."""
+    """Measure every batch size (1, the sequential loop, always included) in every mode; write the results."""
     if n < 1:
         raise SystemExit("--n must be >= 1")
     sizes = sorted({1, *(batch_sizes or [8, 32])})
@@ -138,9 +175,15 @@ def run(
         load_seconds = time.perf_counter() - started
         load_peak = peak_rss_mib()
         chats = generator_chats(backend, n, config)
+        sort_window = pack_generator(backend, config).sort_window
         prompt_tokens = [len(ids) for ids in backend.tokenizer(backend.render(chats))["input_ids"]]
         backend.generate(chats[:1], SamplingConfig(max_new_tokens=2), seed=0)  # warm-up, not timed
-        results = [measure(backend, chats, sampling, size) for size in sizes]
+        results = [measure(backend, chats, sampling, 1)]
+        for size in sizes[1:]:
+            for mode in modes or list(MODES):
+                results.append(
+                    measure(backend, chats, sampling, size, 0, mode, sort_window, pack_prefix_caching(config))
+                )
     finally:
         backend.close()
     sequential = results[0]
@@ -162,6 +205,7 @@ def run(
         "load_seconds": round(load_seconds, 2),
         "peak_rss_mib_after_load": load_peak,
         "peak_rss_mib": peak_rss_mib(),
+        "load_average_1min_end": os.getloadavg()[0],
         "machine": machine_info(),
         "results": results,
     }
@@ -179,7 +223,8 @@ def render(data: dict[str, Any]) -> str:
         f"max {data['prompt_tokens_max']}), max_new_tokens {sampling['max_new_tokens']}, "
         f"temperature {sampling['temperature']}, top_p {sampling['top_p']}; "
         f"torch threads {data['machine']['torch_threads']} of {data['machine']['cpu_count']} CPUs; "
-        f"peak RSS {data['peak_rss_mib']} MiB\n\n"
+        f"peak RSS {data['peak_rss_mib']} MiB; 1-minute load average at the end "
+        f"{data['load_average_1min_end']} (CPU time moves less with the load than wall time)\n\n"
     )
     rows = [
         [
@@ -187,6 +232,7 @@ def render(data: dict[str, Any]) -> str:
             r["batch_size"],
             r["rows"],
             r["seconds"],
+            r["cpu_seconds"],
             r["rows_per_s"],
             r["new_tokens"],
             r["new_tokens_per_s"],
@@ -201,6 +247,7 @@ def render(data: dict[str, Any]) -> str:
         "batch",
         "rows",
         "seconds",
+        "CPU s",
         "rows/s",
         "new tokens",
         "new tokens/s",
@@ -217,10 +264,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--model", default=None, help="model reference (default: the pack generator's)")
     parser.add_argument("--pack", default=DEFAULT_PACK, help="pack whose seed data and sampling to use")
-    parser.add_argument("--n", type=int, default=32, help="number of generator chats")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=96,
+        help="number of generator chats (more than a batch, or nothing is sorted)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32], help="1 is always added")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=list(MODES),
+        default=list(MODES),
+        help="batched modes: request order without prefix cache, or as the chat stage runs them",
+    )
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     model = (
@@ -229,7 +288,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "model"
         ]
     )
-    return run(model, args.n, args.batch_sizes, args.max_new_tokens, args.threads, args.pack, args.out_dir)
+    return run(
+        model,
+        args.n,
+        args.batch_sizes,
+        args.max_new_tokens,
+        args.threads,
+        args.pack,
+        args.out_dir,
+        args.modes,
+    )
 
 
 if __name__ == "__main__":

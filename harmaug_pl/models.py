@@ -21,7 +21,8 @@ import os
 import pickle  # only for its UnpicklingError: nothing here unpickles
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -189,22 +190,56 @@ def _warn_remote_code(ref: str, trust_remote_code: bool) -> None:
         log.warning("trust_remote_code=True: running Python code shipped with model %r", ref)
 
 
+# GGUF files parsed by the last tokenizer load, kept for the weights load that follows it.
+_GGUF_READERS: dict[str, Any] = {}
+
+
+@contextmanager
+def _gguf_parsed_once(file: str, keep: bool) -> Iterator[None]:
+    """Let transformers parse ``file`` once: it builds a ``gguf.GGUFReader`` for the config, again for
+    the weights, and once more for the tokenizer's config, and each parse of SmolLM2's 49k-token
+    vocabulary is ~4 s of pure Python. The parsed reader is shared while loading (``keep``: until the
+    next load of the file, which then drops it)."""
+    import gguf
+
+    real = gguf.GGUFReader
+    key = os.path.realpath(file)
+
+    def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or os.path.realpath(path) != key:
+            return real(path, *args, **kwargs)
+        if key not in _GGUF_READERS:
+            _GGUF_READERS[key] = real(path)
+        return _GGUF_READERS[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+        if not keep:
+            _GGUF_READERS.pop(key, None)
+
+
 def _load(loader: Any, ref: str, what: str, markers: tuple[str, ...], **kwargs: Any) -> Any:
     """Call ``loader.from_pretrained`` on a resolved reference, turning library errors into ours.
 
     ``markers``: files of which a local model directory must hold at least one.
     """
     path, gguf_file = resolve_model(ref)
+    parsing: Any = nullcontext()
     if gguf_file is not None:
         _require("gguf", f"loading the GGUF model {ref!r}", "pip install gguf")
         kwargs["gguf_file"] = gguf_file
+        parsing = _gguf_parsed_once(os.path.join(path, gguf_file), keep=what == "tokenizer")
     elif Path(path).is_dir() and not any((Path(path) / name).is_file() for name in markers):
         raise ModelLoadError(
             f"model {ref!r}: directory {path!r} holds no {' or '.join(markers)}, so it is not a saved "
             "Hugging Face model; point at the directory written by save_pretrained() or at a .gguf file"
         )
     try:
-        return loader.from_pretrained(path, **kwargs)
+        with parsing:
+            return loader.from_pretrained(path, **kwargs)
     except SafetensorError as err:
         raise ModelLoadError(
             f"model {ref!r}: a *.safetensors file in {path!r} is corrupt or truncated ({err}); an "

@@ -118,12 +118,12 @@ def merge_rank_rows(per_rank: list[dict[str, TestRows]]) -> dict[str, TestRows]:
 class DistillationModule(L.LightningModule):
     """Student encoder trained on teacher labels; evaluated per named eval set.
 
-    Validation dataloaders are ``[val, *eval_sets]`` and test dataloaders ``eval_sets``, in the order
-    of ``datamodule.eval_set_names``. On ``val`` the target is the teacher's hard label (agreement
-    with the teacher); on eval sets it is the human label. ``mean/*`` averages the eval sets.
-    Test metrics are ``test/<set>/*`` and ``test/mean/*`` (a run that trains and tests keeps both
-    curves apart), computed on every rank's rows gathered and counted once (test batches carry
-    ``row_index``).
+    Validation dataloaders are ``[val, *validation_eval_set_names]`` and test dataloaders
+    ``eval_sets``, in the order of ``datamodule.eval_set_names``. On ``val`` the target is the
+    teacher's hard label (agreement with the teacher); on eval sets it is the human label. ``mean/*``
+    averages the eval sets. Test metrics are ``test/<set>/*`` and ``test/mean/*`` (a run that trains
+    and tests keeps both curves apart), computed on every rank's rows gathered and counted once, in
+    row order (eval batches come in length order and carry ``row_index``).
 
     After each validation epoch the decision threshold is calibrated on the val split
     (``threshold_calibration``: ``max_f1`` or the lowest threshold with FPR <= ``target_fpr``, against
@@ -186,7 +186,7 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         eval_names = list(getattr(datamodule, "eval_set_names", []))
-        self.val_names = ["val", *eval_names]
+        self.val_names = ["val", *getattr(datamodule, "validation_eval_set_names", eval_names)]
         self.test_names = eval_names
         for name in self.val_names:
             if name not in self.val_metrics:

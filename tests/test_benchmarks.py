@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks import default_pack, generation_throughput, remote_backend
+from benchmarks import default_pack, first_run, generation_throughput, remote_backend
 from benchmarks.common import PhaseClock, markdown_table, pack_config, write_results
 from harmaug_pl import ablation
 
@@ -36,15 +36,19 @@ def test_throughput_runs_loop_and_batches_on_the_same_chats(tiny_llama: Path, tm
             str(tmp_path),
         ]
     )
-    results = {r["batch_size"]: r for r in data["results"]}
-    assert sorted(results) == [1, 2]  # the sequential loop is always measured
-    assert results[1]["mode"] == "sequential loop" and results[2]["mode"] == "batched"
-    for result in results.values():
+    results = {(r["batch_size"], r["mode"]): r for r in data["results"]}
+    assert sorted(results) == [  # the sequential loop is always measured
+        (1, "sequential loop"),
+        (2, "batched, length order + prefix cache"),  # as the pack's chat stages run
+        (2, "batched, request order"),
+    ]
+    for result in data["results"]:
         assert result["rows"] == 4
         assert 4 <= result["new_tokens"] <= 4 * 4  # at least one token per row, at most max_new_tokens
         assert result["rows_per_s"] > 0
-    assert results[1]["rows_per_s_vs_sequential"] == 1.0
-    assert results[1]["useful_slot_fraction"] == 1.0  # a batch of one never decodes a finished row
+    loop = results[(1, "sequential loop")]
+    assert loop["rows_per_s_vs_sequential"] == 1.0 and loop["cpu_seconds"] > 0
+    assert loop["useful_slot_fraction"] == 1.0  # a batch of one never decodes a finished row
     assert data["machine"]["torch_threads"] == 1
     written = json.loads((tmp_path / "generation_throughput.json").read_text())
     assert written["results"] == data["results"]
@@ -291,3 +295,109 @@ def live_children() -> list[int]:
         if fields[1] == me and fields[0] != "Z":
             children.append(int(stat.parent.name))
     return children
+
+
+# -- first_run -------------------------------------------------------------------------------------
+
+
+def test_stack_clock_charges_time_to_the_innermost_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = {"value": 0.0}
+    monkeypatch.setattr(first_run.time, "perf_counter", lambda: now["value"])
+    monkeypatch.setattr(first_run.time, "process_time", lambda: now["value"] / 2)
+    clock = first_run.StackClock()
+    for name, step in [("push outer", 1), ("push inner", 2), ("pop inner", 4), ("pop outer", 8)]:
+        now["value"] += step
+        action, phase = name.split()
+        getattr(clock, action)(phase)
+    now["value"] += 16
+    clock.close()
+    phases = {p["phase"]: p for p in clock.report()}
+    assert phases[first_run.OTHER]["wall_s"] == 1 + 16  # before "outer" opened and after it closed
+    assert phases["outer"]["wall_s"] == 2 + 8 and phases["inner"]["wall_s"] == 4  # no double counting
+    assert phases["inner"]["cpu_s"] == 2 and phases["outer"]["count"] == 1
+    clock.pop("never opened")  # a hook without its start is ignored
+
+
+def test_install_steps_come_from_the_xtrace_timestamps(tmp_path: Path) -> None:
+    log = tmp_path / "install.log"
+    log.write_text(
+        "+ 100.0 . scripts/install.sh\n++ 100.1 python3 -m venv .venv\nsome pip output\n"
+        "++ 107.1 .venv/bin/python -m pip install torch\n++ 150.0 .venv/bin/python -m compileall\n"
+        "++ 181.5 true\n"
+    )
+    steps = first_run.install_steps(log)
+    assert steps == [
+        {"command": "python3 -m venv .venv", "wall_s": 7.0},
+        {"command": ".venv/bin/python -m pip install torch", "wall_s": 42.9},
+        {"command": ".venv/bin/python -m compileall", "wall_s": 31.5},
+    ]
+
+
+def _first_run_data(commit: str, generate_s: float) -> dict:
+    phases = [{"phase": "data: generate stage", "wall_s": generate_s, "cpu_s": generate_s * 1.9, "count": 1}]
+    fit = {"argv": ["fit", "--config", "cpu_tiny"], "wall_s": 400.0, "cpu_s": 700.0, "phases": phases}
+    fit["load_average_1min"] = {"mean": 1.2, "max": 2.0}
+    install = {"wall_s": 90.0, "cpu_s": 120.0, "load_average_1min": {"mean": 1.0, "max": 1.5}, "steps": []}
+    return {
+        "ref": "HEAD",
+        "commit": commit,
+        "date": "2026-11-30 12:00",
+        "cpu_count": 2,
+        "total_wall_s": 490.0,
+        "total_cpu_s": 820.0,
+        "commands": {"install": install, "fit": fit},
+        "augmentation_stats": {"instructions_kept": 171, "teacher_unsafe_rate_synthetic_prompt": 0.06},
+    }
+
+
+def test_first_run_report_and_comparison(tmp_path: Path) -> None:
+    before, after = _first_run_data("a" * 40, 300.0), _first_run_data("b" * 40, 120.0)
+    markdown = first_run.render(after)
+    assert "| harmaug fit: whole process | 400 | 700 |" in markdown
+    assert "|   data: generate stage | 120 | 228 |" in markdown
+    assert "| instructions_kept | 171 |" in markdown and "fit 1.2 (max 2.0)" in markdown
+    paths = [tmp_path / "before.json", tmp_path / "after.json"]
+    for path, data in zip(paths, (before, after)):
+        path.write_text(json.dumps(data))
+    table = first_run.compare(*paths, out_dir=tmp_path)
+    assert "|   data: generate stage | 300 | 120 | 570 | 228 |" in table
+    assert json.loads((tmp_path / "first_run_compare.json").read_text())["after"]["commit"] == "b" * 40
+
+
+@pytest.mark.slow
+def test_first_run_probe_times_a_real_fit_by_phase(
+    tmp_path: Path, tiny_llama: Path, tiny_student: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    pack = tiny_pack(tmp_path, tiny_llama, tiny_student)
+    result = tmp_path / "phases.json"
+    root = Path(first_run.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, first_run.__file__, "--probe", str(result), "fit", "--config", str(pack)]
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    data = json.loads(result.read_text())
+    phases = {p["phase"]: p for p in data["phases"]}
+    for name in (
+        "python interpreter start-up",
+        "model load: chat LLM (generator/responder)",
+        "model load: student",
+        "data: generate stage",
+        "data: respond stage",
+        "data: label stage",
+        "data: label_eval stage",
+        "validation: sanity check",
+        "train epoch 1",
+        "validation after epoch 1",
+        "export: guard folder + MLflow artifacts",
+        "test: loop over the eval sets",  # the pack's test_after_fit
+        "test: report",
+    ):
+        assert phases[name]["wall_s"] >= 0 and phases[name]["count"] >= 1, name
+    total = sum(p["wall_s"] for p in data["phases"])
+    assert total == pytest.approx(data["wall_s"], rel=0.05)  # every second charged once
+    assert data["exit_status"] in (0, None) and data["best_model_path"].endswith(".ckpt")
+    assert data["test_ran"] is True  # the fit ends with the test pass: no separate `harmaug test`

@@ -141,15 +141,11 @@ def test_fit_tells_the_whole_story_in_one_mlflow_run(
     params = fit_run.data.params
     assert params["model/init_args/alpha"] == "0.5" and params["data/init_args/augment"] == "True"
     metrics = fit_run.data.metrics
-    for key in (
-        "val/auprc",
-        "placeholder_eval/auprc",
-        "mean/auprc",
-        "test/placeholder_eval/auprc",
-        "test/mean/f1",
-    ):
+    for key in ("val/auprc", "val/f1", "test/placeholder_eval/auprc", "test/mean/f1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert "train/loss" in metrics
+    # cpu_tiny validates on the val split only: the eval sets are scored by the test pass
+    assert not {key for key in metrics if key.startswith(("placeholder_eval/", "mean/"))}
     assert metrics["augment/instructions_asked"] == 6
     assert metrics["augment/computed_generate"] == 0 and metrics["augment/cached_generate"] == 6
     assert metrics["augment/computed_label"] == 0

@@ -193,8 +193,15 @@ def test_setup_fit_labels_and_splits_the_seed(tmp_path: Path, tiny_student: Path
     assert [len(loader.dataset) for loader in test_loaders] == [3, 5]
     assert test_loaders[1].dataset.examples == dm.eval_rows["alpha"]
     batch = next(iter(test_loaders[0]))
-    assert batch["label"].tolist() == [1, 0, 1] and batch["input_ids"].shape[0] == 3
-    assert batch["row_index"].tolist() == [0, 1, 2]  # test rows carry their position (DDP dedup)
+    assert batch["input_ids"].shape[0] == 3
+    # eval batches come shortest row first and say which rows they hold
+    rows = [dm.eval_rows["zeta"][i] for i in batch["row_index"].tolist()]
+    assert sorted(batch["row_index"].tolist()) == [0, 1, 2]
+    assert batch["label"].tolist() == [row.label for row in rows]
+    lengths = [len(row.prompt) + len(row.response or "") for row in rows]
+    assert lengths == sorted(lengths)
+    predict = next(iter(dm.predict_dataloader()[0]))  # predictions keep the file's row order
+    assert predict["label"].tolist() == [1, 0, 1] and "row_index" not in predict
 
 
 @pytest.mark.parametrize("name", ["val", "mean", "test", "openai/moderation"])

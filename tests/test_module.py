@@ -305,3 +305,21 @@ def test_missing_head_is_reported_once_unless_a_checkpoint_brings_it(tiny_encode
     # the same architecture: a checkpoint of one loads strictly into the other
     for_checkpoint.load_state_dict(fresh.state_dict())
     assert for_checkpoint.student.training  # ready to train when a fit resumes from the checkpoint
+
+
+def test_eval_sets_can_be_left_to_the_test_pass(tmp_path: Path, tiny_student: Path) -> None:
+    dm = tiny_datamodule(
+        tmp_path, tiny_student, eval_sizes={"placeholder_a": 4}, batch_size=2, validate_on_eval_sets=False
+    )
+    model = DistillationModule(str(tiny_student), warmup_steps=1)
+    trainer = tiny_trainer("32-true", 2, Recorder())
+    trainer.fit(model, datamodule=dm)
+    assert model.val_names == ["val"] and len(dm.val_dataloader()) == 1
+    fitted = set(trainer.callback_metrics)
+    assert "val/auprc" in fitted or "val/f1" in fitted
+    assert not {key for key in fitted if key.startswith(("placeholder_a/", "mean/"))}  # not scored per epoch
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert (
+        "test/placeholder_a/f1" in trainer.callback_metrics
+        and len(model.test_outputs["placeholder_a"].target) == 4
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,19 +21,48 @@ class ChatRequest:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def chat_length(chat: Chat) -> int:
+    """Characters in a chat's messages: the length batches are sorted by when the backend cannot count
+    its tokens (``prompt_lengths``)."""
+    return sum(len(message["content"]) for message in chat)
+
+
+def prompt_lengths(backend: ChatBackend, chats: Sequence[Chat]) -> list[int]:
+    """The backend's prompt token counts when it has ``prompt_lengths``, else :func:`chat_length`."""
+    counter = getattr(backend, "prompt_lengths", None)
+    return list(counter(chats)) if counter is not None else [chat_length(chat) for chat in chats]
+
+
+def length_order(lengths: Sequence[int], window: int) -> list[int]:
+    """Indices sorted by length (ties: by index) within consecutive windows of ``window`` items."""
+    return [
+        index
+        for start in range(0, len(lengths), window)
+        for index in sorted(range(start, min(start + window, len(lengths))), key=lambda i: (lengths[i], i))
+    ]
+
+
 def is_sample(value: dict[str, Any]) -> bool:
     """A cached sample is its text and the seed it was sampled with."""
     return isinstance(value.get("text"), str) and isinstance(value.get("seed"), int)
 
 
 class ChatStage:
-    """A cached, sharded ``backend.generate`` over chat requests; subclasses build the chats."""
+    """A cached, sharded ``backend.generate`` over chat requests; subclasses build the chats.
+
+    ``sort_window``: requests are taken ``sort_window`` batches at a time and sorted by length
+    before being cut into batches (1: batches in request order), see :meth:`run`.
+    """
 
     stage: ClassVar[str]
 
-    def __init__(self, backend: ChatBackend, sampling: SamplingConfig, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, backend: ChatBackend, sampling: SamplingConfig, batch_size: int, seed: int, sort_window: int = 8
+    ) -> None:
         if batch_size < 1:
             raise ConfigError(f"{type(self).__name__}.batch_size must be >= 1, got {batch_size}")
+        if sort_window < 1:
+            raise ConfigError(f"{type(self).__name__}.sort_window must be >= 1, got {sort_window}")
         if sampling.max_new_tokens < 1:
             raise ConfigError(
                 f"{type(self).__name__}.sampling.max_new_tokens must be >= 1, got {sampling.max_new_tokens}"
@@ -42,6 +71,7 @@ class ChatStage:
         self.sampling = sampling
         self.batch_size = batch_size
         self.seed = seed
+        self.sort_window = sort_window
         self._identity: dict[str, Any] | None = None
 
     @property
@@ -85,11 +115,24 @@ class ChatStage:
         world_size: int = 1,
         barrier: Callable[[], None] = no_op,
     ) -> StageResult:
-        return run_stage(
+        """Every request's sample, in the order of ``requests``; batches are cut in length order.
+
+        A batch is padded to its longest chat, and on CPU the prompt's forward pass is most of the
+        cost: chats of similar length batched together waste little of it. Requests are sorted by
+        length within windows of ``sort_window`` batches, so the order is a function of the requests
+        alone (every rank and every resumed run cuts the same batches), and asking for more requests
+        later leaves the batches of every full window as they were (their cached rows are not redone).
+        """
+        order = list(range(len(requests)))
+        if self.sort_window > 1:
+            lengths = prompt_lengths(self.backend, [r.chat for r in requests])
+            order = length_order(lengths, self.sort_window * self.batch_size)
+        ordered = [requests[i] for i in order]
+        result = run_stage(
             cache_dir,
             self.stage,
-            requests,
-            [r.key for r in requests],
+            ordered,
+            [r.key for r in ordered],
             self.compute,
             batch_size=self.batch_size,
             seed=self.seed,
@@ -99,6 +142,10 @@ class ChatStage:
             desc=self.stage,
             valid=is_sample,
         )
+        values: list[dict[str, Any]] = [{}] * len(requests)
+        for position, index in enumerate(order):
+            values[index] = result.values[position]
+        return replace(result, values=values)
 
     def close(self) -> None:
         self.backend.close()

@@ -139,8 +139,9 @@ class InstructionGenerator(ChatStage):
         min_words: int = 3,
         max_chars: int = 500,
         seed: int = 0,
+        sort_window: int = 8,
     ) -> None:
-        super().__init__(backend, sampling, batch_size, seed)
+        super().__init__(backend, sampling, batch_size, seed, sort_window)
         if num_instructions < 0 or num_exemplars < 0:
             raise ConfigError("generator.num_instructions and generator.num_exemplars must be >= 0")
         if min_words < 1 or max_chars < 1:

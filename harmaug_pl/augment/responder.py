@@ -47,8 +47,9 @@ class Responder(ChatStage):
         sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, temperature=1.0, top_p=0.95),
         batch_size: int = 16,
         seed: int = 0,
+        sort_window: int = 8,
     ) -> None:
-        super().__init__(backend, sampling, batch_size, seed)
+        super().__init__(backend, sampling, batch_size, seed, sort_window)
         candidates = {"compliant": compliant_prefix, "refusal": refusal_prefix}
         self.kinds: dict[str, str] = {
             name: prefix for name, prefix in candidates.items() if prefix is not None

@@ -8,6 +8,9 @@ of them to :meth:`~TransformersBackend.close` frees.
 Chats render through :mod:`harmaug_pl.backends.rendering`: one longer than ``max_input_tokens`` loses
 part of its messages' contents, never the template (a warning gives the counts, once per backend), and
 :attr:`TransformersBackend.last_truncated` says which chats of the latest call were cut.
+
+With ``prefix_caching``, the tokens every chat of a batch starts with (system prompt, shared
+instructions) run through the model once, not once per chat; see :meth:`TransformersBackend.generate`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +46,10 @@ class _Shared:
 
 _LOADED: dict[tuple[str, str, str, str, bool], _Shared] = {}
 
+# A shared prefix shorter than this is computed with the rest: one more forward call would cost more
+# than the few tokens it saves.
+MIN_SHARED_PREFIX_TOKENS = 8
+
 
 class TransformersBackend:
     """Continue chats and score next tokens with a Hugging Face causal LM (batched, left-padded).
@@ -56,6 +64,8 @@ class TransformersBackend:
             contents only (see :mod:`harmaug_pl.backends.rendering`).
         system_prompt: prepended as a system message to chats that have none.
         chat_template: Jinja chat template to use instead of (or for models without) the tokenizer's.
+        prefix_caching: in :meth:`generate`, compute the tokens all chats of a batch start with once
+            and share their KV cache (same tokens and positions; the sums may differ in the last bits).
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class TransformersBackend:
         max_input_tokens: int = 2048,
         system_prompt: str | None = None,
         chat_template: str | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         resolve_dtype(dtype)  # fail at config time, not after minutes of loading
         resolve_device(device)
@@ -82,6 +93,7 @@ class TransformersBackend:
         self.max_input_tokens = max_input_tokens
         self.system_prompt = system_prompt
         self.chat_template = chat_template
+        self.prefix_caching = prefix_caching
         self._key = (model, dtype, device, json.dumps(self.quantization, sort_keys=True), trust_remote_code)
         self._shared: _Shared | None = None
         self._warned_truncation = False
@@ -97,7 +109,7 @@ class TransformersBackend:
         template = self.chat_template or self.tokenizer.chat_template
         if not isinstance(template, str):
             template = json.dumps(template, sort_keys=True)
-        return {
+        identity = {
             "backend": "transformers",
             "model": self._ref,
             "dtype": self.dtype,
@@ -107,6 +119,9 @@ class TransformersBackend:
             "truncation": TRUNCATION_RULE,
             "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         }
+        if self.prefix_caching:  # only when on, so rows cached without it keep their keys
+            identity["prefix_caching"] = True
+        return identity
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -197,8 +212,7 @@ class TransformersBackend:
 
         Sets :attr:`last_truncated` and warns once per backend when chats were cut.
         """
-        options = self._options(add_generation_prompt, suffix)
-        rendered = [render_ids(self.tokenizer, chat, options, self.max_input_tokens) for chat in chats]
+        rendered = self._rendered(chats, add_generation_prompt, suffix)
         self.last_truncated = [row.truncated for row in rendered]
         cut = sum(self.last_truncated)
         if cut and not self._warned_truncation:
@@ -214,25 +228,66 @@ class TransformersBackend:
             )
         return rendered
 
-    def _batch(self, rendered: list[Rendered]) -> dict[str, torch.Tensor]:
+    def _rendered(
+        self, chats: Sequence[Chat], add_generation_prompt: bool | None, suffix: str
+    ) -> list[Rendered]:
+        options = self._options(add_generation_prompt, suffix)
+        return [render_ids(self.tokenizer, chat, options, self.max_input_tokens) for chat in chats]
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         """Left-padded tensors on the model's device (new tokens / the scored position at index -1)."""
-        batch = self.tokenizer.pad(
-            {"input_ids": [row.ids for row in rendered]}, padding=True, return_tensors="pt"
-        )
+        batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         device = self.lm.device
         return {name: tensor.to(device) for name, tensor in batch.items()}
+
+    def prompt_lengths(self, chats: Sequence[Chat]) -> list[int]:
+        """Tokens each chat's prompt has as :meth:`generate` renders it (chat stages sort batches by it)."""
+        return [len(row.ids) for row in self._rendered(chats, None, "")]
+
+    def shared_prefix_length(self, ids: list[list[int]]) -> int:
+        """How many leading tokens :meth:`generate` computes once for all rows (0: none).
+
+        Every row keeps at least one token of its own, which the generation starts from.
+        """
+        if not self.prefix_caching or len(ids) < 2:
+            return 0
+        length = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
+        return length if length >= MIN_SHARED_PREFIX_TOKENS else 0
+
+    def _prefilled(self, ids: list[list[int]], prefix: int) -> tuple[dict[str, torch.Tensor], Any]:
+        """The rows laid out as [shared prefix][padding][own tokens], and the prefix's KV cache per row.
+
+        The prefix runs once (batch of one) and its cache is repeated for every row. The padding
+        between the parts is masked, and ``generate`` derives position ids from the mask, so each row
+        sees the tokens at the positions it would see left-padded.
+        """
+        lm = self.lm
+        device = lm.device
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+        cache = lm(input_ids=torch.tensor([ids[0][:prefix]], device=device), use_cache=True, **extra)
+        cache = cache.past_key_values
+        cache.batch_repeat_interleave(len(ids))
+        tails = [row[prefix:] for row in ids]
+        width = max(map(len, tails))
+        pad = self.tokenizer.pad_token_id
+        input_ids = [row[:prefix] + [pad] * (width - len(tail)) + tail for row, tail in zip(ids, tails)]
+        mask = [[1] * prefix + [0] * (width - len(tail)) + [1] * len(tail) for tail in tails]
+        batch = {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(mask)}
+        return {name: tensor.to(device) for name, tensor in batch.items()}, cache
 
     # -- ChatBackend -------------------------------------------------------------------------------
 
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
         """Continue every chat (see :class:`ChatBackend`); text is cut at the first ``sampling.stop``.
 
-        Only temperature and top-p filter tokens (``top_k=0``), as in vLLM's defaults.
+        Only temperature and top-p filter tokens (``top_k=0``), as in vLLM's defaults. With
+        ``prefix_caching``, the tokens all chats start with are computed once (:meth:`_prefilled`).
         """
         if not chats:
             return []
         tokenizer = self.tokenizer
-        batch = self._batch(self.encode_chats(chats))
+        ids = [row.ids for row in self.encode_chats(chats)]
+        prefix = self.shared_prefix_length(ids)
         options: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": tokenizer.pad_token_id,
@@ -247,6 +302,10 @@ class TransformersBackend:
         # (training must not depend on whether the rows came from the cache or the model).
         device = self.lm.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            if prefix:
+                batch, options["past_key_values"] = self._prefilled(ids, prefix)
+            else:
+                batch = self._pad(ids)
             torch.manual_seed(seed)
             output = self.lm.generate(**batch, **options)
         prompt_length = batch["input_ids"].shape[1]
@@ -268,9 +327,8 @@ class TransformersBackend:
         if not chats:
             return torch.empty(0, len(token_ids))
         lm = self.lm
-        batch = self._batch(
-            self.encode_chats(chats, add_generation_prompt=add_generation_prompt, suffix=suffix)
-        )
+        rendered = self.encode_chats(chats, add_generation_prompt=add_generation_prompt, suffix=suffix)
+        batch = self._pad([row.ids for row in rendered])
         accepted = inspect.signature(lm.forward).parameters
         extra: dict[str, Any] = {}
         if "position_ids" in accepted:  # positions restart at 0 after the left padding

@@ -8,20 +8,20 @@ import os
 import random
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.rank_sync import RankSync, all_gather_objects
 from harmaug_pl.augment.responder import Responder
-from harmaug_pl.data.encoding import encode_pairs
+from harmaug_pl.data.encoding import encode_pairs, tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
@@ -34,24 +34,38 @@ RESERVED_SET_NAMES = frozenset({"val", "mean", "test"})
 
 
 class ExampleDataset(Dataset):
-    """A list of guard examples; tokenisation happens in the collator (dynamic padding)."""
+    """A list of guard examples; tokenisation happens in the collator (dynamic padding).
 
-    def __init__(self, examples: list[GuardExample]) -> None:
+    ``indexed``: items are ``(position, example)``, so the collator can tell the model which rows a
+    batch holds (eval batches come in length order, and reports want the rows' own order back).
+    """
+
+    def __init__(self, examples: list[GuardExample], indexed: bool = False) -> None:
         self.examples = examples
+        self.indexed = indexed
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> GuardExample:
-        return self.examples[index]
+    def __getitem__(self, index: int) -> GuardExample | tuple[int, GuardExample]:
+        return (index, self.examples[index]) if self.indexed else self.examples[index]
 
 
-class IndexedDataset(ExampleDataset):
-    """Eval rows with their position: a test pass split across ranks counts each row once by it
-    (Lightning's DistributedSampler repeats rows so that every rank gets as many)."""
+class LengthSortedSampler(Sampler[int]):
+    """Every row once, shortest first (ties keep their order).
 
-    def __getitem__(self, index: int) -> tuple[int, GuardExample]:  # type: ignore[override]
-        return index, self.examples[index]
+    Eval batches are padded to their longest row: in file order the OpenAI held-out rows pad to
+    154k tokens (104k real), in token-length order to 111k. Metrics do not depend on the order.
+    """
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self.order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
 
 
 class EpochSeededSampler(WeightedRandomSampler):
@@ -81,7 +95,9 @@ class PairCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, rows: list[GuardExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[GuardExample] | list[tuple[int, GuardExample]]) -> dict[str, torch.Tensor]:
+        positions = [item[0] for item in items] if items and isinstance(items[0], tuple) else None
+        rows = [item[1] for item in items] if positions is not None else items
         batch = encode_pairs(
             self.tokenizer, [row.prompt for row in rows], [row.response for row in rows], self.max_length
         )
@@ -89,16 +105,9 @@ class PairCollator:
             [row.teacher_score if row.teacher_score is not None else float("nan") for row in rows]
         )
         batch["label"] = torch.tensor([row.label if row.label is not None else -1 for row in rows])
+        if positions is not None:
+            batch["row_index"] = torch.tensor(positions)
         return dict(batch)
-
-
-class IndexedCollator(PairCollator):
-    """:class:`PairCollator` for :class:`IndexedDataset` rows; adds ``row_index``."""
-
-    def __call__(self, rows: list[tuple[int, GuardExample]]) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        batch = super().__call__([row for _, row in rows])
-        batch["row_index"] = torch.tensor([index for index, _ in rows])
-        return batch
 
 
 def stratified_group_split(
@@ -153,7 +162,9 @@ class HarmAugDataModule(L.LightningDataModule):
     ``setup`` loads the seed data, runs generator -> responder -> teacher (sharded across ranks, a
     barrier between stages, every rank then reads the full set), splits train/val and tokenises
     with the student's tokenizer. ``augment: false`` gives the KD-only baseline on the same pack.
-    Eval sets are served as one val/test dataloader each, named by their key. Their rows without a
+    Eval sets are served as one val/test dataloader each, named by their key (as val dataloaders
+    only with ``validate_on_eval_sets``: per-epoch curves, at the cost of scoring every eval row in
+    every validation pass; without it the test pass scores them once). Their rows without a
     human label are left out (counted in ``eval_unlabelled``); with ``score_eval_with_teacher`` the
     teacher scores every remaining row through the same cache, so reports compare student and
     teacher on the same rows.
@@ -185,6 +196,7 @@ class HarmAugDataModule(L.LightningDataModule):
         trust_remote_code: bool = False,
         score_eval_with_teacher: bool = True,
         unavailable_eval_sets: Literal["stop", "skip"] = "stop",
+        validate_on_eval_sets: bool = True,
     ) -> None:
         super().__init__()
         if unavailable_eval_sets not in ("stop", "skip"):
@@ -221,6 +233,7 @@ class HarmAugDataModule(L.LightningDataModule):
         self.trust_remote_code = trust_remote_code
         self.score_eval_with_teacher = score_eval_with_teacher
         self.unavailable_eval_sets = unavailable_eval_sets
+        self.validate_on_eval_sets = validate_on_eval_sets
         self.pipeline = AugmentationPipeline(
             generator=generator if augment else None,
             responder=responder if augment else None,
@@ -238,6 +251,11 @@ class HarmAugDataModule(L.LightningDataModule):
     @property
     def eval_set_names(self) -> list[str]:
         return [name for name in self.eval_sources if name not in self.eval_skipped]
+
+    @property
+    def validation_eval_set_names(self) -> list[str]:
+        """The eval sets scored in validation passes, after the val split (see ``validate_on_eval_sets``)."""
+        return self.eval_set_names if self.validate_on_eval_sets else []
 
     @property
     def tokenizer(self) -> Any:
@@ -393,11 +411,10 @@ class HarmAugDataModule(L.LightningDataModule):
     def _loader(
         self, rows: list[GuardExample], batch_size: int, indexed: bool = False, **kwargs: Any
     ) -> DataLoader:
-        dataset, collate = (IndexedDataset, IndexedCollator) if indexed else (ExampleDataset, PairCollator)
         return DataLoader(
-            dataset(rows),
+            ExampleDataset(rows, indexed=indexed),
             batch_size=batch_size,
-            collate_fn=collate(self.tokenizer, self.max_length),
+            collate_fn=PairCollator(self.tokenizer, self.max_length),
             num_workers=self.num_workers,
             **kwargs,
         )
@@ -413,15 +430,21 @@ class HarmAugDataModule(L.LightningDataModule):
         sampler = EpochSeededSampler(weights, self.split_seed)
         return self._loader(self.train_rows, self.batch_size, sampler=sampler)
 
+    def _eval_loader(self, rows: list[GuardExample]) -> DataLoader:
+        """Batches of similar token length (see :class:`LengthSortedSampler`); each batch names its rows."""
+        features, _ = tokenize_rows(
+            self.tokenizer, [row.prompt for row in rows], [row.response for row in rows], self.max_length
+        )
+        lengths = [len(feature["input_ids"]) for feature in features]
+        return self._loader(rows, self.eval_batch_size, indexed=True, sampler=LengthSortedSampler(lengths))
+
     def val_dataloader(self) -> list[DataLoader]:
-        sets = [self.val_rows, *(self.eval_rows[name] for name in self.eval_set_names)]
-        return [self._loader(rows, self.eval_batch_size) for rows in sets]
+        sets = [self.val_rows, *(self.eval_rows[name] for name in self.validation_eval_set_names)]
+        return [self._eval_loader(rows) for rows in sets]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [
-            self._loader(self.eval_rows[name], self.eval_batch_size, indexed=True)
-            for name in self.eval_set_names
-        ]
+        return [self._eval_loader(self.eval_rows[name]) for name in self.eval_set_names]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return self.test_dataloader()
+        """In the rows' own order: predictions line up with the eval files."""
+        return [self._loader(self.eval_rows[name], self.eval_batch_size) for name in self.eval_set_names]
