@@ -311,6 +311,12 @@ def fresh_clone(ref: str, workdir: Path) -> tuple[Path, str]:
     return clone, commit
 
 
+def _with_probe(command: dict[str, Any], result: Path) -> dict[str, Any]:
+    """A command's outside measurements plus what its probe saw inside; the outside ones win (the
+    process's whole wall/CPU time and the load sampled all along, not the probe's start/end load)."""
+    return {**json.loads(result.read_text()), **command}
+
+
 def probe_command(clone: Path, result: Path, argv: list[str]) -> list[str]:
     return [
         str(clone / ".venv" / "bin" / "python"),
@@ -350,14 +356,14 @@ def run(
         commands["fit"] = run_command(
             probe_command(clone, fit_result, ["fit", "--config", PACK]), clone, env, logs / "fit.log"
         )
-        commands["fit"].update(json.loads(fit_result.read_text()))
+        commands["fit"] = _with_probe(commands["fit"], fit_result)
         if not commands["fit"]["test_ran"] and commands["fit"]["best_model_path"]:
             test_result = root / "test_phases.json"
             argv = ["test", "--config", PACK, "--ckpt_path", commands["fit"]["best_model_path"]]
             commands["test"] = run_command(
                 probe_command(clone, test_result, argv), clone, env, logs / "test.log"
             )
-            commands["test"].update(json.loads(test_result.read_text()))
+            commands["test"] = _with_probe(commands["test"], test_result)
         stats_file = clone / "runs" / PACK / "data" / "stats.json"
         data = {
             "benchmark": name,
