@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 from harmaug_pl.backends import ChatBackend, SamplingConfig, TransformersBackend
+from harmaug_pl.backends.nucleus import NucleusSampler
 from harmaug_pl.backends.transformers_backend import MIN_SHARED_PREFIX_TOKENS
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_model
@@ -64,7 +65,9 @@ def test_prefill_stays_in_assistant_turn_and_output_is_its_continuation(backend,
     tokenizer, model = _raw(tiny_llama)
     ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")["input_ids"]
     torch.manual_seed(3)
-    out = model.generate(ids, do_sample=True, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=12)
+    # the backend's sampler (its distribution is checked against transformers' in test_nucleus.py)
+    sampler = LogitsProcessorList([NucleusSampler(1.0, 0.95)])
+    out = model.generate(ids, do_sample=False, logits_processor=sampler, max_new_tokens=12)
     assert tokenizer.decode(out[0]).startswith(rendered)
     assert text == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert text  # the random model always produces some non-special text in 12 tokens

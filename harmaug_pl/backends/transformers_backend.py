@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import LogitsProcessorList
 
 from harmaug_pl.backends.base import Chat, SamplingConfig
+from harmaug_pl.backends.nucleus import NucleusSampler
 from harmaug_pl.backends.rendering import TRUNCATION_RULE, Rendered, RenderOptions, render_ids, render_text
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
@@ -280,7 +282,8 @@ class TransformersBackend:
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig, seed: int) -> list[str]:
         """Continue every chat (see :class:`ChatBackend`); text is cut at the first ``sampling.stop``.
 
-        Only temperature and top-p filter tokens (``top_k=0``), as in vLLM's defaults. With
+        Only temperature and top-p filter tokens (no top-k), as in vLLM's defaults; the draw is
+        :class:`~harmaug_pl.backends.nucleus.NucleusSampler`'s. With
         ``prefix_caching``, the tokens all chats start with are computed once (:meth:`_prefilled`).
         """
         if not chats:
@@ -292,10 +295,12 @@ class TransformersBackend:
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": tokenizer.pad_token_id,
         }
+        # Greedy decoding: with a temperature, NucleusSampler has already drawn the one token left.
+        options["do_sample"] = False
         if sampling.temperature > 0:
-            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        else:
-            options.update(do_sample=False)
+            options["logits_processor"] = LogitsProcessorList(
+                [NucleusSampler(sampling.temperature, sampling.top_p)]
+            )
         if sampling.stop:
             options.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
         # Seed a forked RNG: reproducible batches without moving the process-wide random state
