@@ -175,6 +175,41 @@ def test_balanced_sampler_draws_both_classes_equally(tmp_path: Path, tiny_studen
     assert sorted(plain) == list(range(1000))  # a plain shuffle: every row once
 
 
+def _padded_tokens(order: list[int], lengths: list[int], batch_size: int) -> int:
+    return sum(
+        batch_size * max(lengths[i] for i in order[j : j + batch_size])
+        for j in range(0, len(order), batch_size)
+    )
+
+
+def test_length_grouping_draws_the_same_rows_in_batches_of_similar_length(
+    tmp_path: Path, tiny_student: Path
+) -> None:
+    dm = tiny_datamodule(tmp_path, tiny_student, batch_size=8, length_group=4)
+    words = [1 + (i * 7) % 20 for i in range(400)]  # 1..20 placeholder words per row
+    dm.train_rows = [
+        GuardExample(" ".join(["word"] * n), teacher_score=0.9 if i % 5 == 0 else 0.1)
+        for i, n in enumerate(words)
+    ]
+    grouped = dm.train_dataloader().sampler
+    dm.length_group = 1
+    plain = dm.train_dataloader().sampler
+    lengths = grouped.lengths
+    assert len(lengths) == 400 and len(set(lengths)) == 20  # the student's tokens per row
+    for epoch in (0, 1):
+        grouped.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        order, drawn = list(grouped), list(plain)
+        assert Counter(order) == Counter(drawn)  # the same balanced draws, only batched differently
+        for start in range(0, len(order), 32):  # each group of 4 batches holds the same rows as before
+            assert Counter(order[start : start + 32]) == Counter(drawn[start : start + 32])
+        assert _padded_tokens(order, lengths, 8) < 0.8 * _padded_tokens(drawn, lengths, 8)
+        grouped.set_epoch(epoch)
+        assert list(grouped) == order  # a function of (seed, epoch): a resumed fit draws the same
+    with pytest.raises(ConfigError, match="length_group"):
+        tiny_datamodule(tmp_path, tiny_student, length_group=0)
+
+
 def test_setup_fit_labels_and_splits_the_seed(tmp_path: Path, tiny_student: Path) -> None:
     dm = tiny_datamodule(tmp_path, tiny_student, eval_sizes={"zeta": 3, "alpha": 5})
     dm.setup("fit")
