@@ -167,6 +167,15 @@ def test_generator_chat_is_instruction_plus_harmful_exemplars_then_prefilled_pre
     assert [r.meta for r in other_seed] != [r.meta for r in requests]
 
 
+def test_a_backend_naming_its_sampler_gets_keys_of_its_own() -> None:
+    plain = InstructionGenerator(FakeBackend(), num_instructions=4).requests(SEED)
+    backend = FakeBackend()
+    backend.sampler = "placeholder sampler"  # type: ignore[attr-defined]
+    named = InstructionGenerator(backend, num_instructions=4).requests(SEED)
+    assert [r.chat for r in named] == [r.chat for r in plain]
+    assert not {r.key for r in named} & {r.key for r in plain}  # drawn again, never mixed
+
+
 def test_generator_templates_are_configurable_and_validated() -> None:
     generator = InstructionGenerator(
         FakeBackend(),

@@ -77,7 +77,11 @@ class ChatStage:
     @property
     def identity(self) -> dict[str, Any]:
         if self._identity is None:
-            self._identity = dict(self.backend.describe())
+            identity = dict(self.backend.describe())
+            sampler = getattr(self.backend, "sampler", None)  # optional: see harmaug_pl.backends.base
+            if sampler:
+                identity["sampler"] = sampler
+            self._identity = identity
         return self._identity
 
     def request(self, chat: Chat, meta: dict[str, Any], **key_parts: Any) -> ChatRequest:

@@ -8,6 +8,10 @@ Both take chats as lists of ``{"role", "content"}`` messages so the backend owns
 A backend may also expose ``last_truncated: list[bool]``: per chat of its latest call, whether the
 chat's contents were cut to fit its input budget. It is optional (not a protocol member); stages read
 it through :func:`truncated_rows` and count the cut rows in the augmentation statistics.
+
+A backend that draws tokens with its own code may name that code in a ``sampler: str`` attribute
+(also optional): the chat stages put it in their cache keys, so rows drawn by another sampler are
+drawn again, while the teacher's keys (which never sample) stay as they are.
 """
 
 from __future__ import annotations

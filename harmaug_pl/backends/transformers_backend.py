@@ -70,6 +70,9 @@ class TransformersBackend:
             and share their KV cache (same tokens and positions; the sums may differ in the last bits).
     """
 
+    #: the draw of :meth:`generate` (in the chat stages' cache keys, see :mod:`harmaug_pl.backends.base`)
+    sampler = "harmaug_pl.backends.nucleus.NucleusSampler"
+
     def __init__(
         self,
         model: str,
