@@ -346,8 +346,9 @@ def run(
         env = {**os.environ, "PIP_CACHE_DIR": str(root / "pip-cache"), "UV_CACHE_DIR": str(root / "uv-cache")}
         logs = root / "logs"
         logs.mkdir()
-        # xtrace with a timestamp per command (the single quotes defer ${EPOCHREALTIME} to each line)
-        trace = ["bash", "-c", "PS4='+ ${EPOCHREALTIME} '; set -x; . \"$0\"", "scripts/install.sh"]
+        # xtrace with a timestamp per command (the single quotes defer ${EPOCHREALTIME} to each line);
+        # the closing `:` stamps the end of the script's last command
+        trace = ["bash", "-c", "PS4='+ ${EPOCHREALTIME} '; set -x; . \"$0\"; :", "scripts/install.sh"]
         install = run_command(trace, clone, env, logs / "install.log")
         install["steps"] = install_steps(logs / "install.log")
         commands: dict[str, Any] = {"install": install}
