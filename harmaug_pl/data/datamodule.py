@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 
+from harmaug_pl.augment.chat_stage import length_order
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.rank_sync import RankSync, all_gather_objects
@@ -104,11 +105,11 @@ class EpochSeededSampler(WeightedRandomSampler):
         drawn = list(super().__iter__())
         if self.length_group <= 1 or self.lengths is None:
             return iter(drawn)
-        lengths, size = self.lengths, self.batch_size
+        size, window = self.batch_size, self.batch_size * self.length_group
+        grouped = [drawn[p] for p in length_order([self.lengths[i] for i in drawn], window)]
         order: list[int] = []
-        for start in range(0, len(drawn), size * self.length_group):
-            group = sorted(drawn[start : start + size * self.length_group], key=lambda i: lengths[i])
-            batches = [group[i : i + size] for i in range(0, len(group), size)]
+        for start in range(0, len(grouped), window):
+            batches = [grouped[i : i + size] for i in range(start, min(start + window, len(grouped)), size)]
             for b in torch.randperm(len(batches), generator=self.generator).tolist():
                 order.extend(batches[b])
         return iter(order)
