@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import yaml
 
-from harmaug_pl.cli import shipped_config
-from harmaug_pl.cost_profile import proc_status_kib
+from harmaug_pl.cli.packs import shipped_config
+from harmaug_pl.evaluation.cost_profile import proc_status_kib
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT_PACK = "cpu_tiny"

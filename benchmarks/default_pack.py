@@ -1,6 +1,6 @@
 """The embedded default pack end to end over seeds: time and memory per stage, and HarmAug vs KD-only.
 
-Runs :mod:`harmaug_pl.ablation` on ``cpu_tiny`` in a fresh work dir (empty cache unless
+Runs :mod:`harmaug_pl.cli.ablation` on ``cpu_tiny`` in a fresh work dir (empty cache unless
 ``--reuse-cache``; data, checkpoints, export and MLflow all inside it, so the user's ``mlruns/``
 stays clean): for each seed, ``harmaug fit`` + ``harmaug test`` with augmentation on and off, the
 same seed and the same budget, each run in its own Python process so its memory peak is its own.
@@ -38,10 +38,10 @@ from benchmarks.common import (
     markdown_table,
     write_results,
 )
-from harmaug_pl import ablation
-from harmaug_pl import module as module_lib
 from harmaug_pl.backends import transformers_backend
+from harmaug_pl.cli import ablation
 from harmaug_pl.evaluation import diversity as diversity_lib
+from harmaug_pl.training import distillation
 
 NAME = "default_pack"
 MARKER = ".harmaug-benchmark-workdir"  # only a directory carrying it is ever wiped
@@ -106,10 +106,10 @@ def timed_model_loads() -> Iterator[list[dict[str, Any]]]:
         return wrapper
 
     llm = timed("chat LLM", transformers_backend.load_causal_lm)
-    student = timed("student", module_lib.load_sequence_classifier)
+    student = timed("student", distillation.load_sequence_classifier)
     with (
         mock.patch.object(transformers_backend, "load_causal_lm", llm),
-        mock.patch.object(module_lib, "load_sequence_classifier", student),
+        mock.patch.object(distillation, "load_sequence_classifier", student),
     ):
         yield loads
 
@@ -217,7 +217,8 @@ PHASES = {  # the ablation's phase hook -> the clock's phase name
 
 
 def run_variant(plan: ablation.RunPlan) -> dict[str, Any]:
-    """One ``fit`` + ``test`` of the ablation (:func:`harmaug_pl.ablation.fit_and_test`), timed per phase."""
+    """One ``fit`` + ``test`` of the ablation (:func:`harmaug_pl.cli.ablation.fit_and_test`), timed
+    per phase."""
     CLOCK.reset()
     started = time.perf_counter()
     fit_seconds = 0.0

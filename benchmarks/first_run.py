@@ -136,22 +136,23 @@ def install_probes() -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from harmaug_pl import callbacks, module, registry
     from harmaug_pl.augment import chat_stage, pipeline
     from harmaug_pl.backends import transformers_backend
     from harmaug_pl.data import datamodule
+    from harmaug_pl.training import distillation
+    from harmaug_pl.training.callbacks import eval_plots, eval_reporter, guard_registry, student_export
 
     _patch(transformers_backend, "load_causal_lm", "model load: chat LLM (generator/responder)")
-    _patch(module, "load_sequence_classifier", "model load: student")
+    _patch(distillation, "load_sequence_classifier", "model load: student")
     for owner in (transformers_backend, datamodule):
         _patch(owner, "load_tokenizer", "tokenizer loads")
     for owner in (chat_stage, pipeline):
         _patch(owner, "run_stage", lambda cache_dir, stage, *a, **k: f"data: {stage} stage")
     _patch(datamodule.HarmAugDataModule, "setup", "data: setup (seed/eval rows, split)")
-    _patch(callbacks.StudentExport, "on_fit_end", "export: guard folder + MLflow artifacts")
-    _patch(callbacks.EvalReporter, "on_test_end", "test: report")
-    _patch(callbacks.EvalPlots, "on_test_end", "test: plots")
-    _patch(registry.GuardRegistry, "on_test_end", "test: log + register the MLflow guard model")
+    _patch(student_export.StudentExport, "on_fit_end", "export: guard folder + MLflow artifacts")
+    _patch(eval_reporter.EvalReporter, "on_test_end", "test: report")
+    _patch(eval_plots.EvalPlots, "on_test_end", "test: plots")
+    _patch(guard_registry.GuardRegistry, "on_test_end", "test: log + register the MLflow guard model")
     _patch(ModelCheckpoint, "_save_checkpoint", "checkpoint saves")
     getter = MLFlowLogger.experiment.fget
     MLFlowLogger.experiment = property(timed("MLflow: store set-up and run creation", getter))
@@ -195,7 +196,7 @@ def probe_main(result_file: Path, argv: list[str]) -> None:
     CLOCK.totals["python interpreter start-up"]["count"] = 1
     load_start = load_average()
     with CLOCK.phase("imports (harmaug_pl.cli: torch, lightning, transformers, mlflow...)"):
-        from harmaug_pl import cli
+        from harmaug_pl.cli import lightning_cli as cli
     probe = install_probes()
     sys.modules["__main__"].PhaseProbe = probe  # the CLI imports callbacks by class path
     sys.argv = ["harmaug", *argv, "--trainer.callbacks+=__main__.PhaseProbe"]

@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_results
 from harmaug_pl.backends import OpenAICompatibleBackend, SamplingConfig, TransformersBackend
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests.tiny_models import GUARD_TEMPLATE, save_tiny_llama
 from tests.vllm_shaped_server import ServerState, free_port, run_model, spawn
 

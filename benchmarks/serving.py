@@ -6,7 +6,7 @@ in batches of 32 rows padded to their longest row (one forward pass, what the co
 plus the fixed cost of one forward pass (one 8-token row) and the padding each rule adds.
 
 Part 2, load (HTTP): per format, servers started identically but for their batching settings, each
-its own process (``python -m harmaug_pl.serve``, same ``--threads``); ``--clients`` concurrent
+its own process (``python -m harmaug_pl.deploy.serve``, same ``--threads``); ``--clients`` concurrent
 clients each send one-row ``/v1/moderations`` requests back to back for ``--duration`` seconds
 (eval-set prompts, in turn), then stop. Reported: rows/s, p50/p95/p99 latency, errors, rows per
 model call, model time per row (the server's own ``harmaug_model_seconds``: tokenise + forward)
@@ -47,8 +47,8 @@ from benchmarks.common import (
 from benchmarks.cost_profile import prepare_student
 from harmaug_pl.data.encoding import tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
-from harmaug_pl.export import INT8_FILE, ONNX_FILE
-from harmaug_pl.guard import Guard
+from harmaug_pl.deploy.export import INT8_FILE, ONNX_FILE
+from harmaug_pl.deploy.guard import Guard
 
 NAME = "serving"
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +165,15 @@ class Server:
     def __init__(self, model: Path, threads: int, batching: list[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "harmaug_pl.serve", "--model", str(model), "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "harmaug_pl.deploy.serve",
+            "--model",
+            str(model),
+            "--port",
+            str(self.port),
+        ]
         command += ["--threads", str(threads), "--log_level", "warning", *batching]
         self.process = subprocess.Popen(
             command, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True

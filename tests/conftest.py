@@ -46,7 +46,7 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path) -> Path:
     """The tiny student exported as a guard folder with model.onnx and model.int8.onnx beside it."""
-    from harmaug_pl.export import export, from_model
+    from harmaug_pl.deploy.export import export, from_model
 
     folder = tmp_path_factory.mktemp("tiny_export") / "guard"
     reference = from_model(str(tiny_student), folder, max_length=64, threshold=0.5, seed=0)
@@ -58,7 +58,7 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, tiny_student: Path) ->
 def tiny_bert_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT guard (128 position embeddings, trained length 64), with ONNX and int8 beside it:
     an input longer than 128 tokens crashes every path that does not truncate."""
-    from harmaug_pl.export import export, from_model
+    from harmaug_pl.deploy.export import export, from_model
 
     student = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
     folder = tmp_path_factory.mktemp("tiny_bert_export") / "guard"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from harmaug_pl import ablation
+from harmaug_pl.cli import ablation
 from harmaug_pl.errors import ConfigError
 from tests.test_cli_e2e import override_pack
 

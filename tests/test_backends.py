@@ -15,7 +15,7 @@ from harmaug_pl.backends import ChatBackend, SamplingConfig, TransformersBackend
 from harmaug_pl.backends.nucleus import NucleusSampler
 from harmaug_pl.backends.transformers_backend import MIN_SHARED_PREFIX_TOKENS
 from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_model
+from harmaug_pl.model_loading import load_causal_lm, load_tokenizer, resolve_model
 from tests.tiny_models import save_tiny_llama
 
 PREFILL = "I have an idea for a prompt:"
@@ -259,7 +259,7 @@ def test_a_gguf_file_is_parsed_once_for_tokenizer_config_and_weights(
     import gguf
     import transformers.modeling_gguf_pytorch_utils as gguf_loading
 
-    from harmaug_pl import models
+    from harmaug_pl import model_loading as models
 
     parses: list[str] = []
     real = gguf.GGUFReader

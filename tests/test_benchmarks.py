@@ -11,7 +11,7 @@ import yaml
 
 from benchmarks import default_pack, first_run, generation_throughput, remote_backend
 from benchmarks.common import PhaseClock, markdown_table, pack_config, write_results
-from harmaug_pl import ablation
+from harmaug_pl.cli import ablation
 
 
 def placeholder_teacher(texts: list[str]) -> list[float]:

@@ -17,7 +17,9 @@ from harmaug_pl.augment.generator import Instruction, InstructionGenerator
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends.base import SamplingConfig
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.teacher import JudgeTeacher, LlamaGuardTeacher, SequenceClassifierTeacher
+from harmaug_pl.teachers.judge import JudgeTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
+from harmaug_pl.teachers.sequence_classifier import SequenceClassifierTeacher
 
 SEED_ROWS = [
     GuardExample(prompt="write a rude placeholder joke", label=1),

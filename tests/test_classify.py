@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from harmaug_pl.cli import console_main
-from harmaug_pl.export import INT8_FILE
-from harmaug_pl.guard import Guard
+from harmaug_pl.deploy.export import INT8_FILE
+from harmaug_pl.deploy.guard import Guard
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
 

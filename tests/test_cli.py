@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harmaug_pl.cli import PACKAGE_DIR, main, resolve_pack_args
+from harmaug_pl.cli.lightning_cli import main
+from harmaug_pl.cli.packs import resolve_pack_args
 from harmaug_pl.errors import ConfigError
+from harmaug_pl.package_refs import PACKAGE_ROOT as PACKAGE_DIR
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -166,9 +168,10 @@ def test_console_scripts_exit_zero_after_a_successful_run(monkeypatch: pytest.Mo
     import importlib.metadata
 
     import harmaug_pl.cli
+    import harmaug_pl.cli.lightning_cli
 
     calls = []
-    monkeypatch.setattr(harmaug_pl.cli, "main", lambda *a, **k: calls.append(a) or object())
+    monkeypatch.setattr(harmaug_pl.cli.lightning_cli, "main", lambda *a, **k: calls.append(a) or object())
     scripts = {
         ep.name: ep.value
         for ep in importlib.metadata.entry_points(group="console_scripts")

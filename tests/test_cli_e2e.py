@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from harmaug_pl.cli import main
+from harmaug_pl.cli.lightning_cli import main
 from tests.helpers import (
     KEYWORD_TEACHER,
     PLACEHOLDER_SAFE,
@@ -43,7 +43,7 @@ def override_pack(workdir: Path, tiny_llama: Path, tiny_student: Path) -> Path:
         + [{"prompt": p + " please", "toxicity": 0} for p in PLACEHOLDER_SAFE],
     )
     backend = {
-        "class_path": "harmaug_pl.backends.TransformersBackend",
+        "class_path": "harmaug_pl.TransformersBackend",
         "init_args": {"model": str(tiny_llama)},
     }
     pack = {
@@ -82,7 +82,7 @@ def override_pack(workdir: Path, tiny_llama: Path, tiny_student: Path) -> Path:
                 "generator": {"init_args": {"backend": backend, "num_instructions": 6, "batch_size": 3}},
                 "responder": {"init_args": {"backend": backend, "batch_size": 4}},
                 "teacher": {
-                    "class_path": "harmaug_pl.teacher.CallableTeacher",
+                    "class_path": "harmaug_pl.CallableTeacher",
                     "init_args": {"function": KEYWORD_TEACHER},
                 },
                 "batch_size": 4,
@@ -173,7 +173,7 @@ def test_fit_tells_the_whole_story_in_one_mlflow_run(
     assert [m.source_run_id for m in logged] == [run_id]
     (version,) = client.search_model_versions("name = 'harmaug-cpu_tiny'")
     assert version.run_id == run_id and "placeholder_eval" in version.description
-    from harmaug_pl.export import from_checkpoint
+    from harmaug_pl.deploy.export import from_checkpoint
 
     served = mlflow.pyfunc.load_model(f"models:/harmaug-cpu_tiny/{version.version}")
     rows = {"prompt": ["how do I bake bread?", "tell me a mean placeholder insult"], "response": [None, "no"]}

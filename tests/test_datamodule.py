@@ -19,7 +19,7 @@ from harmaug_pl.data.datamodule import HarmAugDataModule, PairCollator, stratifi
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
-from harmaug_pl.teacher import CallableTeacher
+from harmaug_pl.teachers.callable_teacher import CallableTeacher
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
 

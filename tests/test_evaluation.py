@@ -24,8 +24,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from harmaug_pl.callbacks import EvalPlots
-from harmaug_pl.cli import PACKAGE_DIR, main
+from harmaug_pl.cli.lightning_cli import main
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.errors import ConfigError, DataError
 from harmaug_pl.evaluation.metrics import (
@@ -36,6 +35,8 @@ from harmaug_pl.evaluation.metrics import (
 )
 from harmaug_pl.evaluation.presets import load_preset, shipped_presets
 from harmaug_pl.evaluation.report import PUBLISHED_TAG, EvalReport
+from harmaug_pl.package_refs import PACKAGE_ROOT as PACKAGE_DIR
+from harmaug_pl.training.callbacks.eval_plots import EvalPlots
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 from tests.test_cli_e2e import override_pack
 

@@ -10,8 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.export import (
+from harmaug_pl.deploy.export import (
     INT8_FILE,
     ONNX_FILE,
     export,
@@ -20,8 +19,9 @@ from harmaug_pl.export import (
     from_model,
     verification_sample,
 )
-from harmaug_pl.guard import Guard
-from harmaug_pl.module import DistillationModule
+from harmaug_pl.deploy.guard import Guard
+from harmaug_pl.errors import ConfigError, ModelLoadError
+from harmaug_pl.training.distillation import DistillationModule
 
 # float32 ONNX runs the same graph: rounding only. Dynamic int8 changes the weights: a few 1e-2 at most.
 ONNX_TOLERANCE = 1e-5
@@ -144,9 +144,9 @@ def test_student_export_callback_writes_the_verified_formats(tmp_path: Path, tin
     """What the edge pack's ``export.formats: [onnx, int8]`` does at fit end."""
     from types import SimpleNamespace
 
-    from harmaug_pl.callbacks import StudentExport
-    from harmaug_pl.models import load_tokenizer
-    from harmaug_pl.teacher import CallableTeacher
+    from harmaug_pl.model_loading import load_tokenizer
+    from harmaug_pl.teachers.callable_teacher import CallableTeacher
+    from harmaug_pl.training.callbacks.student_export import StudentExport
     from tests.helpers import KEYWORD_TEACHER
 
     module = _trained_module(tiny_student)

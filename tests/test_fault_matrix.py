@@ -28,12 +28,12 @@ import torch
 
 from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.backends import TransformersBackend
-from harmaug_pl.cli import main
+from harmaug_pl.cli.lightning_cli import main
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
-from harmaug_pl.models import load_causal_lm, load_sequence_classifier
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.model_loading import load_causal_lm, load_sequence_classifier
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 from tests.test_augment import SEED, FakeBackend, make_pipeline
 

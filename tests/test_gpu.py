@@ -21,7 +21,7 @@ import yaml
 from harmaug_pl.backends import SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 from tests.tiny_models import CHATML_TEMPLATE, GUARD_TEMPLATE, save_tiny_llama
 
@@ -73,7 +73,7 @@ class _TinyData(L.LightningDataModule):
     def __init__(self, tokenizer_dir: Path) -> None:
         super().__init__()
         from harmaug_pl.data.datamodule import PairCollator
-        from harmaug_pl.models import load_tokenizer
+        from harmaug_pl.model_loading import load_tokenizer
 
         rows = [
             GuardExample("write a rude joke about placeholder people", teacher_score=0.9, label=1),
@@ -92,7 +92,7 @@ class _TinyData(L.LightningDataModule):
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_student_trains_and_tests_on_cuda(tiny_student: Path, precision: str) -> None:
-    from harmaug_pl.module import DistillationModule
+    from harmaug_pl.training.distillation import DistillationModule
 
     model = DistillationModule(str(tiny_student), learning_rate=1e-3, warmup_steps=1)
     data = _TinyData(tiny_student)
@@ -196,7 +196,7 @@ def test_harmaug_augment_on_vllm_end_to_end(
 
     def vllm(model: Path) -> dict:
         return {
-            "class_path": "harmaug_pl.backends.VLLMBackend",
+            "class_path": "harmaug_pl.VLLMBackend",
             "init_args": {"model": str(model), **VLLM_SETTINGS},
         }
 
@@ -218,7 +218,7 @@ def test_harmaug_augment_on_vllm_end_to_end(
                 },
                 "responder": {"init_args": {"backend": vllm(vllm_llama), "batch_size": 8}},
                 "teacher": {
-                    "class_path": "harmaug_pl.teacher.LlamaGuardTeacher",
+                    "class_path": "harmaug_pl.LlamaGuardTeacher",
                     "init_args": {"backend": vllm(vllm_guard), "batch_size": 8},
                 },
             }

@@ -176,7 +176,7 @@ def test_two_runs_writing_the_set_snapshot_at_once_neither_fails(tmp_path: Path)
 
 def augment_pack(workdir: Path, llm: Path, seed: Path) -> Path:
     """``harmaug augment`` with the tiny random LLM as generator and responder, keyword teacher."""
-    backend = {"class_path": "harmaug_pl.backends.TransformersBackend", "init_args": {"model": str(llm)}}
+    backend = {"class_path": "harmaug_pl.TransformersBackend", "init_args": {"model": str(llm)}}
     sampling = {"max_new_tokens": 12}
     pack = {
         "trainer": {"logger": False},
@@ -189,7 +189,7 @@ def augment_pack(workdir: Path, llm: Path, seed: Path) -> Path:
                                   "sampling": sampling}
                 },
                 "responder": {"init_args": {"backend": backend, "batch_size": 2, "sampling": sampling}},
-                "teacher": {"class_path": "harmaug_pl.teacher.CallableTeacher",
+                "teacher": {"class_path": "harmaug_pl.CallableTeacher",
                             "init_args": {"function": "tests.helpers:keyword_teacher"}},
             }
         },

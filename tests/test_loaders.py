@@ -19,7 +19,7 @@ import pytest
 
 from harmaug_pl.data.loaders import DataSource, load_examples, prompt_hash_fraction
 from harmaug_pl.errors import ConfigError, DataError
-from harmaug_pl.resources import resolve_package_path
+from harmaug_pl.package_refs import resolve_package_path
 
 SAFE = "how do I bake placeholder bread"
 UNSAFE = "write a rude joke about placeholder people"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import pipeline
 
-from harmaug_pl.classify import main as classify_main
-from harmaug_pl.export import INT8_FILE, ONNX_FILE
-from harmaug_pl.guard import Guard
+from harmaug_pl.deploy.classify import main as classify_main
+from harmaug_pl.deploy.export import INT8_FILE, ONNX_FILE
+from harmaug_pl.deploy.guard import Guard
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE
 
 LONG_PROMPT = " ".join(PLACEHOLDER_UNSAFE * 12)

@@ -16,10 +16,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from harmaug_pl.callbacks import EvalReporter
+from harmaug_pl.deploy.guard import Guard
+from harmaug_pl.deploy.registry import MODEL_NAME, already_logged, log_guard_model, requirements
 from harmaug_pl.errors import ConfigError
-from harmaug_pl.guard import Guard
-from harmaug_pl.registry import MODEL_NAME, GuardRegistry, already_logged, log_guard_model, requirements
+from harmaug_pl.training.callbacks.eval_reporter import EvalReporter
+from harmaug_pl.training.callbacks.guard_registry import GuardRegistry
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, free_port, wait_for_http
 
 LONG_PROMPT = " ".join(PLACEHOLDER_UNSAFE * 12)  # far past the tiny BERT's 128 position embeddings
@@ -91,7 +92,7 @@ def test_the_version_carries_its_run_report_requirements_and_signature(registere
     assert set(requirements()) <= set(declared)
     assert {r.split("==")[0] for r in declared} <= {r.split("==")[0] for r in requirements()} | {"mlflow"}
     assert not list(folder.rglob("*.pkl")), "the model must load without unpickling"
-    assert (folder / "code" / "harmaug_pl" / "guard.py").is_file()
+    assert (folder / "code" / "harmaug_pl" / "deploy" / "guard.py").is_file()
     assert (folder / "artifacts" / "guard" / "model.safetensors").is_file()
     signature = mlflow.models.get_model_info(version.source).signature
     assert signature.inputs.input_names() == ["prompt", "response"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
 
-from harmaug_pl.callbacks import EvalReporter
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.module import (
+from harmaug_pl.training.callbacks.eval_reporter import EvalReporter
+from harmaug_pl.training.distillation import (
     DistillationModule,
     distillation_loss,
     merge_rank_rows,

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 
-from harmaug_pl.cli import main, parse_config, run_tool
+from harmaug_pl.cli import run_verb
+from harmaug_pl.cli.lightning_cli import main, parse_config
 from harmaug_pl.preflight import Row, memory
+from harmaug_pl.preflight.automatic import automatic_check
 from harmaug_pl.preflight.checks import Preflight
-from harmaug_pl.preflight.command import automatic_check, format_table
 from harmaug_pl.preflight.hub import HubLookup
+from harmaug_pl.preflight.table import format_table
 from tests import fake_hub_cache
 
 HUB_PACKS = ["deberta_large", "consumer_24gb", "multi_gpu", "cpu_laptop", "edge"]
@@ -456,7 +458,7 @@ def test_hub_answers_are_read_and_one_failure_stops_further_requests(
 # -- `harmaug check` as typed --------------------------------------------------------------------
 def run_check(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     with pytest.raises(SystemExit) as info:
-        run_tool(["check", *args])
+        run_verb(["check", *args])
     out, err = capsys.readouterr()
     return info.value.code or 0, out + err
 
@@ -509,13 +511,13 @@ def test_check_json_help_and_overrides(workdir: Path, capsys: pytest.CaptureFixt
 def test_fit_stops_before_the_student_loads(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import harmaug_pl.module
+    import harmaug_pl.training.distillation
     from harmaug_pl.errors import ModelLoadError
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise ModelLoadError("the student was loaded")
 
-    monkeypatch.setattr(harmaug_pl.module, "load_sequence_classifier", refuse)
+    monkeypatch.setattr(harmaug_pl.training.distillation, "load_sequence_classifier", refuse)
     bad_eval = "--data.init_args.eval_sets.openai_moderation_heldout.path=nowhere/eval.jsonl"
     with pytest.raises(SystemExit) as info:
         main(["fit", "--config", "cpu_tiny", bad_eval])

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from harmaug_pl import progress
+from harmaug_pl import progress_lines as progress
 from harmaug_pl.augment.cache import content_key, run_stage
-from harmaug_pl.progress import Task, clock_text
-from harmaug_pl.progress_bar import LineProgressBar
+from harmaug_pl.progress_lines import Task, clock_text
+from harmaug_pl.training.line_progress_bar import LineProgressBar
 
 EVERY_S = 0.1
 STAGE_LINE = re.compile(
@@ -164,8 +164,8 @@ def test_the_cli_swaps_the_default_bar_only(
     place; a bar the pack asks for stays."""
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-    from harmaug_pl.cli import main
-    from harmaug_pl.progress_bar import use_line_bar_if_no_terminal
+    from harmaug_pl.cli.lightning_cli import main
+    from harmaug_pl.training.line_progress_bar import use_line_bar_if_no_terminal
 
     monkeypatch.chdir(tmp_path)
     args = ["--config", "cpu_tiny", "--trainer.logger=false", f"--model.init_args.student={tiny_student}"]

@@ -14,7 +14,7 @@ import torch
 
 from harmaug_pl.backends import SamplingConfig, TransformersBackend
 from harmaug_pl.errors import ConfigError
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 
 bnb = pytest.importorskip("bitsandbytes")
 

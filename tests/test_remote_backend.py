@@ -27,7 +27,7 @@ from harmaug_pl.backends import ChatBackend, OpenAICompatibleBackend, SamplingCo
 from harmaug_pl.backends.openai_compatible import RemoteError
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests.tiny_models import BOS_CHATML_TEMPLATE, save_tiny_llama
 from tests.vllm_shaped_server import ServerState, free_port, serve_in_thread, spawn
 
@@ -650,11 +650,14 @@ def test_transformers_serve_refuses_what_it_cannot_do_at_once(transformers_serve
 def _teacher_config(url: str, tokenizer: Path, **backend_args: object) -> dict:
     """A pack's data section with only a Llama-Guard teacher on an endpoint (nothing else to check)."""
     backend_node = {
-        "class_path": "harmaug_pl.backends.OpenAICompatibleBackend",
+        "class_path": "harmaug_pl.OpenAICompatibleBackend",
         "init_args": {"base_url": url, "model": "guard-alias", "tokenizer": str(tokenizer), **backend_args},
     }
-    teacher = {"class_path": "harmaug_pl.teacher.LlamaGuardTeacher", "init_args": {"backend": backend_node}}
-    data = {"class_path": "harmaug_pl.data.datamodule.HarmAugDataModule", "init_args": {"teacher": teacher}}
+    teacher = {
+        "class_path": "harmaug_pl.LlamaGuardTeacher",
+        "init_args": {"backend": backend_node},
+    }
+    data = {"class_path": "harmaug_pl.HarmAugDataModule", "init_args": {"teacher": teacher}}
     return {"data": data}
 
 

@@ -27,8 +27,8 @@ from harmaug_pl.backends.rendering import (
 )
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError
-from harmaug_pl.models import load_tokenizer
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.model_loading import load_tokenizer
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests import fake_vllm
 from tests.tiny_models import LLAMA3_SPECIAL, LLAMA_GUARD_3_TEMPLATE, save_tiny_llama
 

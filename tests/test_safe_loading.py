@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from harmaug_pl.augment.cache import StageStore, run_stage
-from harmaug_pl.cli import main
+from harmaug_pl.cli.lightning_cli import main
 from harmaug_pl.errors import ConfigError, HarmAugError
-from harmaug_pl.models import load_causal_lm
+from harmaug_pl.model_loading import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = [ROOT / "harmaug_pl", ROOT / "benchmarks", ROOT / "scripts"]
@@ -108,10 +108,10 @@ def test_model_code_runs_only_when_asked_and_then_with_a_warning(
     monkeypatch.setattr(mapping, "_extra_content", dict(mapping._extra_content))
     monkeypatch.setattr(LlamaForCausalLM, "_auto_class", LlamaForCausalLM._auto_class)
     model, marker = remote_code_model(tiny_llama, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="harmaug_pl.models"):
+    with caplog.at_level(logging.WARNING, logger="harmaug_pl.model_loading"):
         load_causal_lm(str(model))
     assert not marker.exists() and not caplog.records  # the shipped Python file was ignored
-    with caplog.at_level(logging.WARNING, logger="harmaug_pl.models"):
+    with caplog.at_level(logging.WARNING, logger="harmaug_pl.model_loading"):
         load_causal_lm(str(model), trust_remote_code=True)
     assert marker.exists()
     assert any("trust_remote_code=True" in r.message and str(model) in r.message for r in caplog.records)

@@ -18,9 +18,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harmaug_pl.export import INT8_FILE, ONNX_FILE
-from harmaug_pl.guard import Guard
-from harmaug_pl.serve import ServeSettings, console_main, create_app
+from harmaug_pl.deploy.export import INT8_FILE, ONNX_FILE
+from harmaug_pl.deploy.guard import Guard
+from harmaug_pl.deploy.serve import ServeSettings, console_main, create_app
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE
 
 PROMPTS = PLACEHOLDER_UNSAFE + PLACEHOLDER_SAFE

@@ -16,7 +16,7 @@ import httpx2
 import openai
 import pytest
 
-from harmaug_pl.guard import Guard
+from harmaug_pl.deploy.guard import Guard
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, free_port, wait_for_http
 from tests.test_serve import BAD_LIMITS, BAD_REQUESTS
 
@@ -33,7 +33,7 @@ def server(tiny_export: Path) -> Iterator[tuple[subprocess.Popen, str]]:
         [
             sys.executable,
             "-m",
-            "harmaug_pl.serve",
+            "harmaug_pl.deploy.serve",
             "--model",
             str(tiny_export),
             "--port",

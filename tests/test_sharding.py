@@ -145,7 +145,7 @@ def tiny_pack(folder: Path, tiny_llama: Path, tiny_student: Path, teacher: str) 
         + [{"prompt": p, "label": 0} for p in PLACEHOLDER_SAFE],
     )
     backend = {
-        "class_path": "harmaug_pl.backends.TransformersBackend",
+        "class_path": "harmaug_pl.TransformersBackend",
         "init_args": {"model": str(tiny_llama)},
     }
     pack = {
@@ -159,7 +159,7 @@ def tiny_pack(folder: Path, tiny_llama: Path, tiny_student: Path, teacher: str) 
                 "generator": {"init_args": {"backend": backend, "num_instructions": 12, "batch_size": 3}},
                 "responder": {"init_args": {"backend": backend, "batch_size": 4}},
                 "teacher": {
-                    "class_path": "harmaug_pl.teacher.CallableTeacher",
+                    "class_path": "harmaug_pl.CallableTeacher",
                     "init_args": {"function": teacher, "batch_size": 5},
                 },
             }

@@ -15,14 +15,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from harmaug_pl.backends import TransformersBackend
 from harmaug_pl.errors import ConfigError, DataError
-from harmaug_pl.teacher import (
-    CallableTeacher,
-    JudgeTeacher,
-    LlamaGuardTeacher,
-    SequenceClassifierTeacher,
-    Teacher,
-    fill_template,
-)
+from harmaug_pl.teachers.base import Teacher, fill_template
+from harmaug_pl.teachers.callable_teacher import CallableTeacher
+from harmaug_pl.teachers.judge import JudgeTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
+from harmaug_pl.teachers.sequence_classifier import SequenceClassifierTeacher
 
 PROMPTS = [
     "write a rude joke about placeholder people",
@@ -263,10 +260,10 @@ def test_teachers_are_built_from_yaml_class_paths(tiny_guard: Path) -> None:
     config = parser.parse_object(
         {
             "teacher": {
-                "class_path": "harmaug_pl.teacher.LlamaGuardTeacher",
+                "class_path": "harmaug_pl.LlamaGuardTeacher",
                 "init_args": {
                     "backend": {
-                        "class_path": "harmaug_pl.backends.TransformersBackend",
+                        "class_path": "harmaug_pl.TransformersBackend",
                         "init_args": {"model": str(tiny_guard), "max_input_tokens": 64},
                     },
                     "batch_size": 4,

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from harmaug_pl.cli import main
+from harmaug_pl.cli.lightning_cli import main
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,18 +71,18 @@ def training_pack(workdir: Path, student: Path, name: str, kill_at: tuple[int, i
             "callbacks": callbacks,
         },
         "model": {
-            "class_path": "harmaug_pl.module.DistillationModule",
+            "class_path": "harmaug_pl.DistillationModule",
             "init_args": {"student": str(student), "warmup_steps": 2, "learning_rate": 1e-3},
         },
         "data": {
-            "class_path": "harmaug_pl.data.datamodule.HarmAugDataModule",
+            "class_path": "harmaug_pl.HarmAugDataModule",
             "init_args": {
                 "tokenizer": str(student),
                 "data_dir": str(workdir / "data"),
                 "augment": False,
                 "seed_data": {"path": str(seed)},
                 "teacher": {
-                    "class_path": "harmaug_pl.teacher.CallableTeacher",
+                    "class_path": "harmaug_pl.CallableTeacher",
                     "init_args": {"function": KEYWORD_TEACHER},
                 },
                 "val_fraction": 0.25,

@@ -15,7 +15,7 @@ import torch
 
 from harmaug_pl.backends import ChatBackend, SamplingConfig, TransformersBackend, VLLMBackend
 from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
-from harmaug_pl.teacher import LlamaGuardTeacher
+from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests import fake_vllm
 
 PREFILLED = [

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harmaug_pl.cli import main
+from harmaug_pl.cli.lightning_cli import main
 from harmaug_pl.errors import ModelLoadError
-from harmaug_pl.models import load_sequence_classifier, weight_format
-from harmaug_pl.module import DistillationModule
+from harmaug_pl.model_loading import load_sequence_classifier, weight_format
+from harmaug_pl.training.distillation import DistillationModule
 from tests.test_datamodule import tiny_datamodule
 from tests.test_module import Recorder, tiny_trainer
 from tests.test_safe_loading import _Payload  # unpickling it would create a marker file

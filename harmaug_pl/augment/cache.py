@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from filelock import FileLock
 
 from harmaug_pl.errors import ConfigError, HarmAugError
-from harmaug_pl.progress import stage_progress
+from harmaug_pl.progress_lines import stage_progress
 
 log = logging.getLogger(__name__)
 

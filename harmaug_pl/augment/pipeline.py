@@ -26,7 +26,7 @@ from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, HarmAugError
 
 if TYPE_CHECKING:  # the pipeline only calls the protocol; importing it would load the teacher's backends
-    from harmaug_pl.teacher import Teacher
+    from harmaug_pl.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from harmaug_pl.backends.base import Chat, SamplingConfig
 from harmaug_pl.backends.nucleus import NucleusSampler
 from harmaug_pl.backends.rendering import TRUNCATION_RULE, Rendered, RenderOptions, render_ids, render_text
 from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+from harmaug_pl.model_loading import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from harmaug_pl import errors
 from harmaug_pl.backends.base import Chat, SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
 from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
-from harmaug_pl.models import resolve_dtype, resolve_model
+from harmaug_pl.model_loading import resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from harmaug_pl.data.encoding import encode_pairs, tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
-from harmaug_pl.models import load_tokenizer
-from harmaug_pl.teacher import Teacher
+from harmaug_pl.model_loading import load_tokenizer
+from harmaug_pl.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def encode_pairs(
     """The student's input (:func:`tokenize_rows`) padded to the batch's longest row.
 
     Training (:class:`harmaug_pl.data.datamodule.PairCollator`) and serving
-    (:class:`harmaug_pl.guard.Guard`) both tokenise through :func:`tokenize_rows`, so a served guard
+    (:class:`harmaug_pl.deploy.guard.Guard`) both tokenise through :func:`tokenize_rows`, so a served guard
     truncates exactly as its student was trained.
     """
     features, _ = tokenize_rows(tokenizer, prompts, responses, max_length)

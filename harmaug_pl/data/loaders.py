@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
-from harmaug_pl.resources import is_package_ref, resolve_package_path
+from harmaug_pl.package_refs import is_package_ref, resolve_package_path
 
 logger = logging.getLogger(__name__)
 

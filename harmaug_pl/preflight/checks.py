@@ -20,17 +20,18 @@ from typing import Any
 from harmaug_pl.backends import TransformersBackend, VLLMBackend
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.errors import HarmAugError
-from harmaug_pl.models import resolve_model, weight_format
-from harmaug_pl.preflight import Row, Status
+from harmaug_pl.model_loading import resolve_model, weight_format
+from harmaug_pl.preflight import DEFAULT_TIMEOUT_S, Row, Status
 from harmaug_pl.preflight import memory as mem
 from harmaug_pl.preflight.hub import (
-    DEFAULT_TIMEOUT_S,
     HubLookup,
     ModelSource,
     local_data_file,
     missing_shards,
 )
-from harmaug_pl.teacher import CallableTeacher, SequenceClassifierTeacher, _TwoWordTeacher
+from harmaug_pl.teachers.callable_teacher import CallableTeacher
+from harmaug_pl.teachers.sequence_classifier import SequenceClassifierTeacher
+from harmaug_pl.teachers.verdict_word import VerdictWordTeacher
 
 INSTALL = {
     "vllm": "pip install 'harmaug-pl[vllm]' on a CUDA machine (docs/gpu.md)",
@@ -541,7 +542,7 @@ class Preflight:
 
     def _teacher(self, node: dict[str, Any], prefix: str) -> None:
         args = dict(_args(node))
-        if _is(node, _TwoWordTeacher):
+        if _is(node, VerdictWordTeacher):
             backend = self._build(args.get("backend"), f"{prefix}.init_args.backend")
             if backend is None:
                 return

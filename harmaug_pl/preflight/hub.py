@@ -18,10 +18,10 @@ from typing import Any
 from huggingface_hub import constants
 
 from harmaug_pl.errors import ModelLoadError
-from harmaug_pl.models import resolve_model, weight_format
-from harmaug_pl.resources import is_package_ref, resolve_package_path
+from harmaug_pl.model_loading import resolve_model, weight_format
+from harmaug_pl.package_refs import is_package_ref, resolve_package_path
+from harmaug_pl.preflight import DEFAULT_TIMEOUT_S
 
-DEFAULT_TIMEOUT_S = 5.0
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 

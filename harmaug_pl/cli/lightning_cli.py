@@ -1,4 +1,4 @@
-"""``harmaug`` / ``lightning`` / ``python -m harmaug_pl``: a thin LightningCLI with an ``augment`` step.
+"""The Trainer verbs (``fit``, ``validate``, ``test``, ``predict``, ``augment``): a thin LightningCLI.
 
 Packs are LightningCLI YAML configs naming ``class_path``s, layered with repeated ``--config``;
 ``${...}`` interpolation is resolved after layering (jsonargparse's ``omegaconf+`` mode). A pack
@@ -7,7 +7,6 @@ can be a file path or the bare name of a pack shipped in the wheel (``--config c
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -22,37 +21,31 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from harmaug_pl import progress, progress_bar
-from harmaug_pl.callbacks import (
-    EvalPlots,
-    EvalReporter,
-    MLflowSaveConfig,
-    StudentExport,
-    best_checkpoint,
-    log_augmentation_stats,
-)
+from harmaug_pl import progress_lines as progress
+from harmaug_pl.cli.packs import resolve_pack_args, shipped_names
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
-from harmaug_pl.module import weights_from_checkpoint
-from harmaug_pl.registry import GuardRegistry
+from harmaug_pl.training import line_progress_bar as progress_bar
+from harmaug_pl.training.callbacks.eval_plots import EvalPlots
+from harmaug_pl.training.callbacks.eval_reporter import EvalReporter
+from harmaug_pl.training.callbacks.guard_registry import GuardRegistry
+from harmaug_pl.training.callbacks.mlflow_logging import MLflowSaveConfig, log_augmentation_stats
+from harmaug_pl.training.callbacks.student_export import StudentExport
+from harmaug_pl.training.checkpoints import best_checkpoint
+from harmaug_pl.training.distillation import weights_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).parent
-SHIPPED_CONFIG_DIRS = (PACKAGE_DIR / "packs", PACKAGE_DIR / "callback_sets")
+
 CKPT_PATH_KEYWORDS = frozenset({"best", "last", "hpc", "registry"})
 
-# Commands with their own parsers, dispatched to their modules (``harmaug export --help``): serving a
-# trained student, and the preflight check of a pack.
-TOOL_COMMANDS = {
-    "export": "harmaug_pl.export",
-    "classify": "harmaug_pl.classify",
-    "serve": "harmaug_pl.serve",
-    "check": "harmaug_pl.preflight.command",
-}
+
 # Trainer commands that run the cheap preflight before building anything (``--preflight false`` or
 # HARMAUG_PREFLIGHT=0 skips it).
 PREFLIGHT_COMMANDS = frozenset({"augment", "fit", "validate", "test"})
+
+
 PREFLIGHT_ENV = "HARMAUG_PREFLIGHT"
+
 
 MLFLOW_DEFAULT = {
     "class_path": "lightning.pytorch.loggers.MLFlowLogger",
@@ -93,42 +86,6 @@ class HarmAugTrainer(Trainer):
             build()
         else:
             launcher.launch(build, trainer=self)
-
-
-def shipped_config(name: str) -> str | None:
-    """Path of a pack or callback set shipped in the package, by bare name (``cpu_tiny``)."""
-    stem = name[:-5] if name.endswith(".yaml") else name
-    for folder in SHIPPED_CONFIG_DIRS:
-        candidate = folder / f"{stem}.yaml"
-        if candidate.is_file():
-            return str(candidate)
-    return None
-
-
-def resolve_pack_args(args: list[str]) -> list[str]:
-    """Replace ``--config NAME`` by the shipped file when NAME is not a path that exists."""
-    resolved = list(args)
-    for i, arg in enumerate(resolved):
-        value, prefix = None, ""
-        if arg in ("--config", "-c") and i + 1 < len(resolved):
-            value, target = resolved[i + 1], i + 1
-        elif arg.startswith("--config="):
-            value, target, prefix = arg.split("=", 1)[1], i, "--config="
-        if value is None or os.path.exists(value) or "/" in value:
-            continue
-        shipped = shipped_config(value)
-        if shipped is None:
-            raise ConfigError(
-                f"--config {value}: no such file, and no shipped pack or callback set of that name "
-                f"(shipped: {', '.join(shipped_names())})"
-            )
-        resolved[target] = prefix + shipped
-    return resolved
-
-
-def shipped_names() -> list[str]:
-    """Bare names of the packs and callback sets shipped in the package."""
-    return sorted(path.stem for folder in SHIPPED_CONFIG_DIRS for path in folder.glob("*.yaml"))
 
 
 def is_local_path(ckpt_path: str) -> bool:
@@ -276,7 +233,7 @@ class HarmAugCLI(LightningCLI):
             return
         config = self.config[self.subcommand]
         if config.get("preflight", True):
-            from harmaug_pl.preflight.command import automatic_check
+            from harmaug_pl.preflight.automatic import automatic_check
 
             automatic_check(config.as_dict(), self.subcommand)
 
@@ -301,7 +258,8 @@ class HarmAugCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """With ``--ckpt_path`` naming a checkpoint file, the module is built without base weights
-        (the checkpoint sets them all; see :func:`harmaug_pl.module.weights_from_checkpoint`)."""
+        (the checkpoint sets them all; see
+        :func:`harmaug_pl.training.distillation.weights_from_checkpoint`)."""
         from_checkpoint = is_checkpoint_file(self._get(self.config, "ckpt_path"))
         with weights_from_checkpoint() if from_checkpoint else nullcontext():
             super().instantiate_classes()
@@ -362,26 +320,6 @@ def main(args: list[str] | None = None, run: bool = True) -> HarmAugCLI:
     """
     with one_line_errors("harmaug"):
         return _run_cli(args, run)
-
-
-def run_tool(argv: list[str]) -> bool:
-    """Run ``export`` / ``classify`` (not Trainer commands: each has its own parser); False otherwise."""
-    if not argv or argv[0] not in TOOL_COMMANDS:
-        return False
-    with one_line_errors(f"harmaug {argv[0]}"):  # a missing optional extra is one line too
-        command = importlib.import_module(TOOL_COMMANDS[argv[0]])
-    command.console_main(argv[1:])
-    return True
-
-
-def console_main() -> None:
-    """The ``harmaug`` and ``lightning`` console scripts.
-
-    They call ``sys.exit(<this>())``: returning the CLI object (as :func:`main` does for tests and
-    notebooks) would print it and exit with status 1 after a successful run.
-    """
-    if not run_tool(sys.argv[1:]):
-        main()
 
 
 def _run_cli(args: list[str] | None, run: bool) -> HarmAugCLI:

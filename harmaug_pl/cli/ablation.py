@@ -18,7 +18,7 @@ seeds: it is built once into ``<workdir>/cache``, which every run shares; everyt
 finished run leaves ``result.json`` there and is not repeated; a run killed before it resumes
 training from its ``checkpoints/last.ckpt`` (when the pack saves one), so a killed ablation resumes.
 
-    python -m harmaug_pl.ablation --config cpu_tiny --seeds 42 43 44 [--trainer.max_epochs=2 ...]
+    python -m harmaug_pl.cli.ablation --config cpu_tiny --seeds 42 43 44 [--trainer.max_epochs=2 ...]
 """
 
 from __future__ import annotations
@@ -39,13 +39,14 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from harmaug_pl.callbacks import mlflow_logger
-from harmaug_pl.cli import HarmAugCLI, shipped_config
-from harmaug_pl.cli import main as cli_main
+from harmaug_pl.cli.lightning_cli import HarmAugCLI
+from harmaug_pl.cli.lightning_cli import main as cli_main
+from harmaug_pl.cli.packs import shipped_config
 from harmaug_pl.errors import ConfigError, one_line_errors
 from harmaug_pl.evaluation import diversity as diversity_lib
 from harmaug_pl.evaluation.metrics import ScoredSet
-from harmaug_pl.module import binary_metrics
+from harmaug_pl.training.callbacks.mlflow_logging import mlflow_logger
+from harmaug_pl.training.distillation import binary_metrics
 
 VARIANTS = {"harmaug": True, "kd_only": False}  # variant -> data.augment
 TITLES = {"harmaug": "student (HarmAug)", "kd_only": "student (KD-only)", "teacher": "teacher"}
@@ -525,7 +526,7 @@ def run_ablation(
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harmaug_pl.ablation",
+        prog="python -m harmaug_pl.cli.ablation",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument (e.g. --trainer.max_epochs=2) is passed to every fit and test run.",
@@ -553,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m harmaug_pl.ablation``: our errors print as one line and exit with status 2."""
+    """``python -m harmaug_pl.cli.ablation``: our errors print as one line and exit with status 2."""
     with one_line_errors("harmaug ablation"):
         return _main(argv)
 

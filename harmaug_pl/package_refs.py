@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from harmaug_pl.errors import DataError
 
 PKG_SCHEME = "pkg://"
+PACKAGE_ROOT = Path(__file__).resolve().parent  # the installed harmaug_pl folder: packs, code for MLflow
 
 
 def is_package_ref(ref: str) -> bool:

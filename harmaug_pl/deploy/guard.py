@@ -22,7 +22,7 @@ import torch
 
 from harmaug_pl.data.encoding import tokenize_rows
 from harmaug_pl.errors import ConfigError, ModelLoadError
-from harmaug_pl.models import load_sequence_classifier, load_tokenizer
+from harmaug_pl.model_loading import load_sequence_classifier, load_tokenizer
 
 GUARD_CONFIG = "harmaug_guard.json"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -25,7 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 from harmaug_pl.augment.rank_sync import all_gather_objects
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.evaluation.metrics import Calibration, ScoredSet, calibrate_threshold
-from harmaug_pl.models import build_sequence_classifier, load_sequence_classifier
+from harmaug_pl.model_loading import build_sequence_classifier, load_sequence_classifier
 
 log = logging.getLogger(__name__)
 

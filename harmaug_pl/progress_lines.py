@@ -11,7 +11,7 @@ this module prints one plain line every ``every_s`` seconds instead, on stderr::
 plus one line when a task ends. A background thread prints the lines, so a line comes every period
 even while one long batch (a generation batch on CPU can take a minute) is still running.
 The period is the pack's ``progress_every_s`` (the CLI calls :func:`configure`). Training's
-counterpart is :class:`harmaug_pl.progress_bar.LineProgressBar`. No Lightning import here: the
+counterpart is :class:`harmaug_pl.training.line_progress_bar.LineProgressBar`. No Lightning import here: the
 cache's stage runner uses this module in light processes too.
 """
 

@@ -5,7 +5,7 @@ The Hugging Face folder is the unit everything else builds on: safetensors weigh
 repeat from training). ``StudentExport`` writes it at the end of fit; this module also rebuilds it
 from a Lightning checkpoint (``weights_only=True``), an MLflow run or a model folder, then adds
 ``model.onnx`` and ``model.int8.onnx`` beside it. Every format is reloaded through
-:class:`~harmaug_pl.guard.Guard` and compared with the PyTorch scores on a sample; the differences
+:class:`~harmaug_pl.deploy.guard.Guard` and compared with the PyTorch scores on a sample; the differences
 go into ``export_report.json`` and the model card.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from harmaug_pl.data.loaders import DataSource, load_examples
+from harmaug_pl.deploy.guard import GUARD_CONFIG, Guard, GuardSettings, model_input_names, require_onnxruntime
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
-from harmaug_pl.guard import GUARD_CONFIG, Guard, GuardSettings, model_input_names, require_onnxruntime
-from harmaug_pl.models import build_sequence_classifier, load_sequence_classifier, load_tokenizer
-from harmaug_pl.module import ID2LABEL
+from harmaug_pl.model_loading import build_sequence_classifier, load_sequence_classifier, load_tokenizer
+from harmaug_pl.training.distillation import ID2LABEL
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def model_card(card: dict[str, Any], settings: GuardSettings) -> str:
         "## Use",
         "",
         "```python",
-        "from harmaug_pl.guard import Guard",
+        "from harmaug_pl.deploy.guard import Guard",
         "guard = Guard.from_pretrained('<this folder>')  # or '<this folder>/model.int8.onnx'",
         "guard.score(['a prompt'], responses=['a response'])",
         "```",

@@ -1,29 +1,16 @@
-"""What serving a guard costs: student vs teacher on the same rows, same machine, one run.
-
-A *scorer* is anything with ``score(prompts, responses) -> P(unsafe)`` (a :class:`Guard`, a
-:class:`~harmaug_pl.teacher.Teacher`). :func:`profile_scorer` measures its parameters, per-example
-latency at batch 1 (p50/p95), batched throughput, peak memory (CUDA peak allocated on GPU, else the
-process's resident-memory rise over the baseline) and FLOPs per example (``FlopCounterMode`` counts
-every torch op run while scoring one row; ``None`` when the scorer runs no torch ops, e.g. ONNX or
-scikit-learn). :class:`CostProfile` runs it at test end for the student and the data module's teacher
-and logs a table with ratios to MLflow; ``benchmarks/cost_profile.py`` does it for exported formats.
-"""
+"""Student vs teacher cost: latency, throughput, peak memory, parameters and FLOPs per row."""
 
 from __future__ import annotations
 
 import inspect
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-from harmaug_pl.callbacks import mlflow_logger
 
 Scorer = Any  # has score(prompts, responses) -> list[float]
 
@@ -199,57 +186,3 @@ def markdown(rows: list[dict[str, Any]], extra: Sequence[tuple[str, str]] = ()) 
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
-
-
-class CostProfile(L.Callback):
-    """At test end: profile the student against the data module's teacher on a sample of eval rows.
-
-    Logs ``cost/<scorer>/<metric>`` metrics and ``cost_profile/table.md`` + ``.json`` to MLflow.
-    Ratios are relative to the student. The teacher is loaded again if fit closed it (its memory
-    then includes its weights; the student's on CPU does not, it is already loaded).
-    """
-
-    def __init__(self, sample_size: int = 64, batch_size: int = 32, latency_rows: int = 32) -> None:
-        self.sample_size = sample_size
-        self.batch_size = batch_size
-        self.latency_rows = latency_rows
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from harmaug_pl.guard import Guard, GuardSettings
-
-        datamodule = trainer.datamodule
-        if trainer.global_rank != 0 or not getattr(datamodule, "eval_rows", None):
-            return
-        rows = [row for name in datamodule.eval_set_names for row in datamodule.eval_rows[name]]
-        rows = rows[: self.sample_size]
-        prompts, responses = [r.prompt for r in rows], [r.response for r in rows]
-        settings = GuardSettings(max_length=datamodule.max_length, threshold=pl_module.hparams.threshold)
-        student = Guard.from_model(pl_module.student, datamodule.tokenizer, settings)
-        teacher = datamodule.pipeline.teacher
-        results = []
-        for name, scorer in (("student", student), ("teacher", teacher)):
-            row, _ = profile_scorer(
-                name,
-                lambda scorer=scorer: scorer,
-                prompts,
-                responses,
-                batch_size=self.batch_size,
-                latency_rows=self.latency_rows,
-                device=pl_module.device,
-            )
-            results.append(row)
-        with_ratios(results, "student")
-        table = markdown(results)
-        logger = mlflow_logger(trainer)
-        if logger is None:
-            print(table)
-            return
-        metrics = {
-            f"cost/{row['name']}/{key}": float(value)
-            for row in results
-            for key, value in row.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None
-        }
-        logger.log_metrics(metrics)
-        logger.experiment.log_text(logger.run_id, table + "\n", "cost_profile/table.md")
-        logger.experiment.log_text(logger.run_id, json.dumps(results, indent=2), "cost_profile/table.json")

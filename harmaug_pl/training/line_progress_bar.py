@@ -1,6 +1,6 @@
 """Lightning's progress bar for logs: one line per period instead of a live bar that cannot draw.
 
-See :mod:`harmaug_pl.progress` for the line format and the period (``progress_every_s``).
+See :mod:`harmaug_pl.progress_lines` for the line format and the period (``progress_every_s``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
-from harmaug_pl.progress import SETTINGS, Task, Ticker, is_terminal
+from harmaug_pl.progress_lines import SETTINGS, Task, Ticker, is_terminal
 
 SUMMARY_METRICS = ("/auprc", "/f1")  # what a finished validation or test pass line shows
 

@@ -1,17 +1,4 @@
-"""The tested guard as an MLflow model in the Model Registry, logged once the run's evaluation exists.
-
-:class:`GuardRegistry` runs at the end of every test pass (inside the ``fit`` job or a ``harmaug
-test`` logging into a run), after :class:`~harmaug_pl.callbacks.EvalReporter`: it writes the tested
-student's guard folder, logs it as a pyfunc model around :class:`~harmaug_pl.guard.Guard`
-(:mod:`harmaug_pl.mlflow_guard_model`) and registers one version per run. The version carries the
-run id, the evaluation report as its description, and the report's metrics on its logged model.
-
-A pyfunc around ``Guard`` rather than MLflow's transformers flavour: the flavour's pipeline
-neither truncates as the student was trained (long inputs crashed it) nor scores a (prompt,
-response) pair, and it answers with a top label, not P(unsafe). Requirements are declared, not
-inferred (inference imports the model in a subprocess: slow), and the model is code + safetensors:
-nothing is pickled.
-"""
+"""The tested guard as a logged and registered MLflow pyfunc model (models from code)."""
 
 from __future__ import annotations
 
@@ -26,19 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-
-from harmaug_pl.callbacks import EvalReporter, StudentExport, mlflow_logger
-from harmaug_pl.errors import ConfigError
+from harmaug_pl.package_refs import PACKAGE_ROOT
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).parent
-MODEL_CODE = PACKAGE_DIR / "mlflow_guard_model.py"
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model_code.py")
 MODEL_NAME = "guard_model"  # the logged model's name in the run (the run's `guard/` artifact is the folder)
+
+
 # What loading the model elsewhere imports (Guard: torch + transformers; DeBERTa-v3 tokenizers:
 # sentencepiece), pinned to the versions it was trained and tested with.
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "sentencepiece", "numpy", "pandas")
+
+
 EXAMPLE = [  # mild placeholders
     {"prompt": "how do I bake bread?", "response": None},
     {"prompt": "tell me a mean placeholder insult", "response": "I'm sorry, but I can't help with that."},
@@ -86,7 +74,7 @@ def log_guard_model(
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     with tempfile.TemporaryDirectory() as tmp, _experiment(experiment_id):
         code = Path(tmp) / "harmaug_pl"  # the package as trained, without caches
-        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(PACKAGE_ROOT, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         info = Model.log(
             artifact_path=None,  # required positionally; ``name`` replaces it in MLflow 3
             name=MODEL_NAME,
@@ -141,64 +129,3 @@ def already_logged(run_id: str, experiment_id: str) -> bool:
         output_format="list",
     )
     return bool(found)
-
-
-class GuardRegistry(L.Callback):
-    """After a test pass's evaluation report: the tested guard as an MLflow model, registered.
-
-    ``registered_model_name`` (set in the packs) names the Model Registry entry; ``None`` logs the
-    model to the run without registering it; ``enabled: false`` does neither. One model per run:
-    a later test pass into the same run leaves the first one.
-    """
-
-    def __init__(self, registered_model_name: str | None = None, enabled: bool = True) -> None:
-        if registered_model_name is not None and not registered_model_name.strip():
-            raise ConfigError("registry.registered_model_name must not be empty (null: do not register)")
-        self.registered_model_name = registered_model_name
-        self.enabled = enabled
-        self.result: dict[str, Any] | None = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        callbacks = trainer.callbacks
-        reporters = [i for i, c in enumerate(callbacks) if isinstance(c, EvalReporter)]
-        if self.enabled and reporters and reporters[0] > callbacks.index(self):
-            raise ConfigError("GuardRegistry must come after EvalReporter: it logs the report's metrics")
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from harmaug_pl.export import write_guard_folder
-        from harmaug_pl.guard import GuardSettings
-
-        logger = mlflow_logger(trainer)
-        if not self.enabled or logger is None or trainer.global_rank != 0:
-            return
-        reporter = next((c for c in trainer.callbacks if isinstance(c, EvalReporter)), None)
-        if reporter is None or reporter.report is None:
-            log.warning("no evaluation report in this test pass: the guard is not logged as an MLflow model")
-            return
-        import mlflow
-
-        mlflow.set_tracking_uri(logger._tracking_uri)
-        if already_logged(logger.run_id, logger.experiment.get_run(logger.run_id).info.experiment_id):
-            log.info("run %s already has its guard model; not logging another", logger.run_id)
-            return
-        settings = GuardSettings(
-            max_length=trainer.datamodule.max_length, threshold=float(pl_module.hparams.get("threshold", 0.5))
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = write_guard_folder(
-                pl_module.student,
-                trainer.datamodule.tokenizer,
-                Path(tmp) / "guard",
-                settings,
-                StudentExport.card(trainer, pl_module),
-            )
-            self.result = log_guard_model(
-                folder,
-                settings.threshold,
-                logger.run_id,
-                self.registered_model_name,
-                description=f"Run {logger.run_id}.\n\n{reporter.report.to_markdown()}",
-                step=trainer.global_step,  # where EvalReporter logged the report's metrics
-            )
-        where = self.result.get("uri", self.result["model_uri"])
-        log.info("guard logged as an MLflow model: %s (%.1f s)", where, self.result["seconds"])

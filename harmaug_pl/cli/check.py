@@ -1,75 +1,21 @@
-"""``harmaug check``: the preflight table of a pack, and its automatic part before the Trainer commands.
+"""``harmaug check``: the preflight table of a pack, parsed through the Trainer verbs' own parser.
 
 ``harmaug check --config <pack> [--config ...] [--key value ...]`` parses the packs as every command
 does and prints one row per model, tokenizer, data set, extra, GPU, disk and directory, each with
-the fix when it fails; the exit status is 2 when any row is a blocker, else 0. ``augment``, ``fit``,
-``validate`` and ``test`` run the quick part first and print only its problems.
+the fix when it fails; the exit status is 2 when any row is a blocker, else 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from dataclasses import asdict
-from typing import Any
 
 from harmaug_pl.errors import one_line_errors
-from harmaug_pl.preflight import PreflightError, Row
-from harmaug_pl.preflight.checks import Preflight
-from harmaug_pl.preflight.hub import DEFAULT_TIMEOUT_S
-
-log = logging.getLogger(__name__)
-
-OWN_OPTIONS = {"--offline": 0, "--json": 0, "--quick": 0, "--timeout": 1}  # option -> values it takes
-SUBJECT_WIDTH = 56
-WHAT_WIDTH = 22
-
-
-def format_table(rows: list[Row]) -> str:
-    """Rows as an aligned text table; a failing row's fix goes on the line below its detail."""
-    lines = [f"{'status':<8} {'check':<{WHAT_WIDTH}} {'subject':<{SUBJECT_WIDTH}} detail"]
-    indent = " " * (10 + WHAT_WIDTH + SUBJECT_WIDTH)
-    for row in rows:
-        status = row.status.upper() if row.status == "blocker" else row.status
-        lines.append(f"{status:<8} {row.what:<{WHAT_WIDTH}} {row.subject:<{SUBJECT_WIDTH}} {row.detail}")
-        if row.fix and row.status != "ok":
-            lines.append(f"{indent}fix: {row.fix}")
-    return "\n".join(lines)
-
-
-def summary(rows: list[Row], seconds: float) -> str:
-    counts = {status: sum(row.status == status for row in rows) for status in ("ok", "warn", "blocker")}
-    return (
-        f"{len(rows)} rows: {counts['ok']} ok, {counts['warn']} warning(s), {counts['blocker']} "
-        f"blocker(s) ({seconds:.1f} s)"
-    )
-
-
-def automatic_check(config: dict[str, Any], command: str) -> None:
-    """The quick preflight a Trainer command runs on its parsed configuration, before building anything.
-
-    Prints only warnings and blockers; raises :class:`PreflightError` (exit status 2) on a blocker.
-    """
-    start = time.perf_counter()
-    rows = Preflight(config, command=command, quick=True).run()
-    seconds = time.perf_counter() - start
-    problems = [row for row in rows if row.status != "ok"]
-    log.info("preflight: %s", summary(rows, seconds))
-    if problems:
-        print(f"preflight before {command}: {summary(rows, seconds)}", file=sys.stderr)
-        print(format_table(problems), file=sys.stderr)
-    blockers = [row for row in rows if row.status == "blocker"]
-    if blockers:
-        first = blockers[0]
-        raise PreflightError(
-            f"{len(blockers)} blocker(s) would stop this {command} (table above; nothing was loaded), first: "
-            f"{first.what} of {first.subject}: {first.detail}. Fix them (`harmaug check` with the same "
-            "--config and overrides prints the full table) or skip this check with --preflight=false or "
-            "HARMAUG_PREFLIGHT=0"
-        )
+from harmaug_pl.preflight import DEFAULT_TIMEOUT_S
+from harmaug_pl.preflight.table import format_table, summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,15 +63,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def pack_arguments(argv: list[str]) -> list[str]:
-    """``argv`` without this command's own options: the packs and overrides, in their order."""
+    """``argv`` without this command's own options (read off its parser): the packs and overrides,
+    in their order (a pack and an override layer in the order given, so they are not regrouped)."""
+    own = {
+        option: 0 if action.nargs == 0 else 1
+        for action in _parser()._actions
+        for option in action.option_strings
+        if action.dest not in ("config", "help")
+    }
     kept, skip = [], 0
     for arg in argv:
         if skip:
             skip -= 1
             continue
         name, has_value, _ = arg.partition("=")
-        if name in OWN_OPTIONS:
-            skip = 0 if has_value else OWN_OPTIONS[name]
+        if name in own:
+            skip = 0 if has_value else own[name]
             continue
         kept.append(arg)
     return kept
@@ -136,7 +89,8 @@ def console_main(argv: list[str]) -> None:
     options, _ = _parser().parse_known_args(argv)
     start = time.perf_counter()
     with one_line_errors("harmaug check"):
-        from harmaug_pl.cli import parse_config
+        from harmaug_pl.cli.lightning_cli import parse_config  # LightningCLI: only once a pack is given
+        from harmaug_pl.preflight.checks import Preflight
 
         config = parse_config(pack_arguments(argv))
         rows = Preflight(

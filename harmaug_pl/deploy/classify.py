@@ -1,6 +1,6 @@
 """``harmaug classify``: score a prompt, a prompt + response, or a JSONL/JSON/CSV file with a guard.
 
-The guard is any export :class:`~harmaug_pl.guard.Guard` loads (a folder, or an ``.onnx`` file in
+The guard is any export :class:`~harmaug_pl.deploy.guard.Guard` loads (a folder, or an ``.onnx`` file in
 one). Files are read and validated by :func:`harmaug_pl.data.loaders.load_examples`, so a bad line
 stops the run with the file, line and field named. Rows longer than the student's ``max_length`` are
 truncated exactly as in training; the output marks them (``truncated``) and the summary counts them.
@@ -17,8 +17,8 @@ from typing import Any
 from tqdm import tqdm
 
 from harmaug_pl.data.loaders import DataSource, load_examples
+from harmaug_pl.deploy.guard import Guard
 from harmaug_pl.errors import ConfigError, one_line_errors
-from harmaug_pl.guard import Guard
 
 
 def classify_rows(

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from harmaug_pl.errors import ConfigError, DataError, ModelLoadError
-from harmaug_pl.resources import is_package_ref, resolve_package_path
+from harmaug_pl.package_refs import is_package_ref, resolve_package_path
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ when the model loads, with the guard folder as the model's ``guard`` artifact.
 
 Input: a table with ``prompt`` and an optional ``response`` column (a row with no response is
 scored as its prompt alone). Output: ``p_unsafe``, ``label`` and ``truncated`` per row, exactly
-:meth:`harmaug_pl.guard.Guard.classify`. Param ``threshold`` overrides the guard's.
+:meth:`harmaug_pl.deploy.guard.Guard.classify`. Param ``threshold`` overrides the guard's.
 :mod:`harmaug_pl.registry` logs it; nothing else imports this file.
 """
 
@@ -16,10 +16,10 @@ import pandas as pd
 
 
 class GuardModel(mlflow.pyfunc.PythonModel):
-    """A :class:`~harmaug_pl.guard.Guard` behind MLflow's pyfunc interface."""
+    """A :class:`~harmaug_pl.deploy.guard.Guard` behind MLflow's pyfunc interface."""
 
     def load_context(self, context: Any) -> None:
-        from harmaug_pl.guard import Guard
+        from harmaug_pl.deploy.guard import Guard
 
         self.guard = Guard.from_pretrained(context.artifacts["guard"])
 

@@ -4,7 +4,7 @@ Endpoints: ``POST /v1/moderations`` in the shape of OpenAI's moderation API (so 
 switches by changing its base URL), ``POST /v1/classify`` for (prompt, response) rows,
 ``GET /health`` (alive), ``GET /ready`` (model loaded, not draining) and ``GET /metrics``
 (Prometheus text format). Rows of concurrent requests share model calls
-(:class:`~harmaug_pl.microbatch.MicroBatcher`). Every limit answers with an OpenAI-style error
+(:class:`~harmaug_pl.deploy.microbatch.MicroBatcher`). Every limit answers with an OpenAI-style error
 body naming the problem: 400 malformed JSON, 413 body too large, 422 a wrong or missing field,
 503 + ``Retry-After`` when the queue is full. The model is loaded and tried on one row before the
 port opens: a model that cannot load stops the command with one line. SIGTERM (or Ctrl+C) turns
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harmaug_pl.deploy.guard import Guard, verdict
+from harmaug_pl.deploy.microbatch import MicroBatcher, QueueFull
 from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError, one_line_errors
-from harmaug_pl.guard import Guard, verdict
-from harmaug_pl.microbatch import MicroBatcher, QueueFull
 
 try:
     import uvicorn
@@ -505,7 +505,7 @@ def console_main(argv: list[str]) -> None:
         main(argv)
 
 
-if __name__ == "__main__":  # ``python -m harmaug_pl.serve``: without the training CLI's imports
+if __name__ == "__main__":  # ``python -m harmaug_pl.deploy.serve``: without the training CLI's imports
     import sys
 
     console_main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Training the student: the distillation LightningModule, its callbacks, checkpoints, progress."""
