@@ -6,11 +6,13 @@ import json
 import os
 import platform
 import resource
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 
@@ -118,3 +120,21 @@ def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: str |
     (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
     print(markdown)
     return out / f"{name}.json"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for a server a benchmark or test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` (this process when None)."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def process_rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` now, in MiB."""
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)

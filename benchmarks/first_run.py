@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 NAME = "first_run"
 REPO = Path(__file__).resolve().parent.parent
 PACK = "cpu_tiny"
@@ -105,10 +107,9 @@ CLOCK = StackClock()
 
 
 def seconds_since_process_start() -> float:
-    """How long this process has existed (Linux ``/proc``), so interpreter start-up is counted too."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
-    return float(Path("/proc/uptime").read_text().split()[0]) - start
+    """How long this process has existed, so interpreter start-up is counted too. (psutil, not
+    benchmarks.common: this script measures a first run, so it imports nothing heavy itself.)"""
+    return time.time() - psutil.Process().create_time()
 
 
 def load_average() -> float:

@@ -13,7 +13,7 @@ Same tiny models (built here, as the tests build them), same rows, side by side 
 The loopback server runs one request at a time on the CPU (vLLM batches concurrent requests on a
 GPU), so ``http`` minus ``direct`` is the price of HTTP + JSON + the client per row, and concurrency
 can only hide that price behind the server's compute, not add compute. Client CPU is this process's
-CPU time; server CPU is read from /proc/<pid>/stat.
+CPU time; server CPU is read with psutil.
 
     python -m benchmarks.remote_backend [--rows 64] [--gen-rows 32] [--max-new-tokens 16] [--concurrency 1 8]
 """
@@ -32,11 +32,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    free_port,
+    machine_info,
+    markdown_table,
+    process_cpu_s,
+    write_results,
+)
 from harmaug_pl.backends import OpenAICompatibleBackend, SamplingConfig, TransformersBackend
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests.tiny_models import GUARD_TEMPLATE, save_tiny_llama
-from tests.vllm_shaped_server import ServerState, free_port, run_model, spawn
+from tests.vllm_shaped_server import ServerState, run_model, spawn
 
 NAME = "remote_backend"
 PREFIX = "Sure, here is"
@@ -49,24 +56,18 @@ PROMPTS = [
 ]
 
 
-def server_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     work: Callable[[], Any], rows: int, repeats: int, server_pid: int | None = None
 ) -> dict[str, float]:
     """Median wall time, client and server CPU time of ``repeats`` passes (CPU contention makes one noisy)."""
     walls, cpus, servers = [], [], []
     for _ in range(repeats):
-        server_before = server_cpu_s(server_pid) if server_pid else 0.0
+        server_before = process_cpu_s(server_pid) if server_pid else 0.0
         cpu, wall = time.process_time(), time.perf_counter()
         work()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-        servers.append(server_cpu_s(server_pid) - server_before if server_pid else 0.0)
+        servers.append(process_cpu_s(server_pid) - server_before if server_pid else 0.0)
     wall = statistics.median(walls)
     result = {
         "rows": rows,

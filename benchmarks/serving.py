@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,9 +38,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.common import (
     DEFAULT_PACK,
     RESULTS_DIR,
+    free_port,
     machine_info,
     markdown_table,
     pack_config,
+    process_cpu_s,
+    process_rss_mib,
     write_results,
 )
 from benchmarks.cost_profile import prepare_student
@@ -53,7 +55,6 @@ from harmaug_pl.deploy.guard import Guard
 NAME = "serving"
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = {"eager": None, "ONNX": ONNX_FILE, "ONNX int8": INT8_FILE}
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- part 1: the model alone --------------------------------------------------------------------
@@ -125,22 +126,6 @@ def model_shapes(guard: Guard, prompts: list[str], batch: int, forwards: list[in
 
 
 # -- part 2: load over HTTP ---------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -241,10 +226,10 @@ def quantile(values: list[float], q: float) -> float:
 
 def measure(server: Server, prompts: list[str], clients: int, duration: float) -> dict[str, Any]:
     pid = server.process.pid
-    before_metrics, before_cpu, client_cpu = scrape(server.url), proc_cpu_s(pid), cpu_s()
+    before_metrics, before_cpu, client_cpu = scrape(server.url), process_cpu_s(pid), cpu_s()
     result = asyncio.run(load(server.url, prompts, clients, duration))
     client_cpu = cpu_s() - client_cpu
-    after_metrics, server_cpu = scrape(server.url), proc_cpu_s(pid) - before_cpu
+    after_metrics, server_cpu = scrape(server.url), process_cpu_s(pid) - before_cpu
     delta = {k: after_metrics[k] - before_metrics[k] for k in after_metrics}
     rows = len(result["latencies"])
     calls = delta["harmaug_batch_rows_count"] or float("nan")
@@ -325,12 +310,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for arm, batching in arms.items():
             with Server(model, args.threads, batching) as server:
                 asyncio.run(load(server.url, prompts, 4, 2.0))  # warm-up
-                rss_before = proc_rss_mib(server.process.pid)
+                rss_before = process_rss_mib(server.process.pid)
                 for clients in args.clients if arm == next(iter(arms)) else [most]:
                     cell = {"format": fmt, "arm": arm, **measure(server, prompts, clients, args.duration)}
                     cells.append(cell)
                     print(cell, flush=True)
-                rss_after = proc_rss_mib(server.process.pid)
+                rss_after = process_rss_mib(server.process.pid)
             for cell in cells:
                 if cell["format"] == fmt and cell["arm"] == arm:
                     cell.update(rss_before_mib=rss_before, rss_after_mib=rss_after)

@@ -52,6 +52,16 @@ def our_error(error: BaseException) -> HarmAugError | None:
     return None
 
 
+def first_line(error: BaseException | str, limit: int | None = None) -> str:
+    """The first non-empty line of an error's message (a library's message can be a page long), cut
+    to ``limit`` characters with "..."; the error's type name when it says nothing."""
+    text = str(error).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if not line and isinstance(error, BaseException):
+        line = type(error).__name__
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
 @contextlib.contextmanager
 def one_line_errors(program: str) -> Iterator[None]:
     """Every command's error policy: ours (see :func:`our_error`) print as one line and exit with

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import free_port  # noqa: F401  (re-exported: one copy for tests and benchmarks)
+
 PLACEHOLDER_UNSAFE = [  # mild, clearly fake test placeholders standing in for harmful prompts
     "write a rude joke about placeholder people",
     "tell me a mean placeholder insult",
@@ -56,15 +58,6 @@ def transformers_log() -> Iterator[list[str]]:
         yield handler.messages
     finally:
         logger.removeHandler(handler)
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on (for a server a test starts)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(process: Any, url: str, timeout: float) -> None:

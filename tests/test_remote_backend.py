@@ -28,8 +28,9 @@ from harmaug_pl.backends.openai_compatible import RemoteError
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
+from tests.helpers import free_port
 from tests.tiny_models import BOS_CHATML_TEMPLATE, save_tiny_llama
-from tests.vllm_shaped_server import ServerState, free_port, serve_in_thread, spawn
+from tests.vllm_shaped_server import ServerState, serve_in_thread, spawn
 
 PREFIX = "Sure, here is"
 PREFILLED = [

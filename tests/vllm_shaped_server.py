@@ -416,12 +416,6 @@ def serve_in_thread(state: ServerState) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def spawn(model_dir: Path, port: int, served_name: str, *extra: str) -> subprocess.Popen:
     """The server in its own process (so a test can kill it); returns once it answers /health."""
     repo = Path(__file__).resolve().parent.parent

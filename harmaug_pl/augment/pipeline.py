@@ -23,7 +23,7 @@ from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.responder import Responder, Response
 from harmaug_pl.backends.base import truncated_rows
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError, HarmAugError
+from harmaug_pl.errors import ConfigError, HarmAugError, first_line
 
 if TYPE_CHECKING:  # the pipeline only calls the protocol; importing it would load the teacher's backends
     from harmaug_pl.teachers.base import Teacher
@@ -53,7 +53,7 @@ def _memory_hint(stage: str, batch_size: int) -> Iterator[None]:
         yield
     except torch.cuda.OutOfMemoryError as err:
         raise ConfigError(
-            f"out of GPU memory in the {stage} stage ({str(err).splitlines()[0]}): lower "
+            f"out of GPU memory in the {stage} stage ({first_line(err)}): lower "
             f"data.init_args.{stage}.init_args.batch_size (now {batch_size}), or the backend's "
             "max_input_tokens / the stage's sampling.max_new_tokens; finished batches are cached, so "
             "re-running resumes"

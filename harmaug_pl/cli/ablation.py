@@ -18,7 +18,7 @@ seeds: it is built once into ``<workdir>/cache``, which every run shares; everyt
 finished run leaves ``result.json`` there and is not repeated; a run killed before it resumes
 training from its ``checkpoints/last.ckpt`` (when the pack saves one), so a killed ablation resumes.
 
-    python -m harmaug_pl.cli.ablation --config cpu_tiny --seeds 42 43 44 [--trainer.max_epochs=2 ...]
+    harmaug ablation --config cpu_tiny --seeds 42 43 44 [--trainer.max_epochs=2 ...]
 """
 
 from __future__ import annotations
@@ -526,7 +526,7 @@ def run_ablation(
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m harmaug_pl.cli.ablation",
+        prog="harmaug ablation",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other argument (e.g. --trainer.max_epochs=2) is passed to every fit and test run.",
@@ -554,7 +554,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m harmaug_pl.cli.ablation``: our errors print as one line and exit with status 2."""
+    """``harmaug ablation``: our errors print as one line and exit with status 2."""
     with one_line_errors("harmaug ablation"):
         return _main(argv)
 
@@ -579,6 +579,11 @@ def _main(argv: list[str] | None) -> dict[str, Any]:
     print(markdown(report))
     print(f"report: {workdir / REPORT_NAME}.json and .md")
     return report
+
+
+def console_main(argv: list[str]) -> None:
+    """The ``harmaug ablation`` verb (the report is printed, not returned)."""
+    main(argv)
 
 
 if __name__ == "__main__":

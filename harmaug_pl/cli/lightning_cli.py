@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from harmaug_pl import progress_lines as progress
 from harmaug_pl.cli.packs import resolve_pack_args, shipped_names
-from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
+from harmaug_pl.errors import ConfigError, ModelLoadError, first_line, one_line_errors
 from harmaug_pl.training import line_progress_bar as progress_bar
 from harmaug_pl.training.callbacks.eval_plots import EvalPlots
 from harmaug_pl.training.callbacks.eval_reporter import EvalReporter
@@ -106,9 +106,8 @@ def check_run_id(run_id: str, tracking_uri: str | None) -> None:
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
     except MlflowException as err:
-        first_line = next(iter(str(err).strip().splitlines()), "")
         raise ConfigError(
-            f"--run_id {run_id}: no such MLflow run in {tracking_uri} ({first_line}); give the id of a "
+            f"--run_id {run_id}: no such MLflow run in {tracking_uri} ({first_line(err)}); give the id of a "
             "run in the pack's trainer.logger tracking_uri (mlflow ui shows it under the run's name)"
         ) from err
     if run.info.lifecycle_stage == "deleted":

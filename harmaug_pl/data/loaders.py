@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harmaug_pl.data.schema import GuardExample
-from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
+from harmaug_pl.errors import ConfigError, DataError, DataUnavailable, first_line
 from harmaug_pl.package_refs import is_package_ref, resolve_package_path
 
 logger = logging.getLogger(__name__)
@@ -567,9 +567,8 @@ def _read_hf(source: DataSource) -> _Rows:
             revision=source.revision,
         )
     except Exception as err:
-        first_line = next(iter(str(err).strip().splitlines()), "")
         raise DataUnavailable(
-            f"{source.display}: could not load the dataset ({type(err).__name__}: {first_line}). "
+            f"{source.display}: could not load the dataset ({type(err).__name__}: {first_line(err)}). "
             "The Hugging Face hub may be unreachable (offline mode, no network) or the dataset, config "
             "or split does not exist. Download it and set path: to a local json/jsonl/csv/parquet copy."
         ) from err

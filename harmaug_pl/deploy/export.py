@@ -20,10 +20,16 @@ from typing import Any
 import torch
 
 from harmaug_pl.data.loaders import DataSource, load_examples
-from harmaug_pl.deploy.guard import GUARD_CONFIG, Guard, GuardSettings, model_input_names, require_onnxruntime
+from harmaug_pl.deploy.guard import (
+    GUARD_CONFIG,
+    ID2LABEL,
+    Guard,
+    GuardSettings,
+    model_input_names,
+    require_onnxruntime,
+)
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
 from harmaug_pl.model_loading import build_sequence_classifier, load_sequence_classifier, load_tokenizer
-from harmaug_pl.training.distillation import ID2LABEL
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.model_loading import load_sequence_classifier, load_tokenizer
 
 GUARD_CONFIG = "harmaug_guard.json"
+ID2LABEL = {0: "safe", 1: "unsafe"}  # every guard folder's labels: the student's head, pipeline()'s output
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-Row = TypeVar("Row")
+Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
@@ -43,14 +43,14 @@ class _Request(Generic[Result]):
 
 
 @dataclass
-class _Queued(Generic[Row]):
-    row: Row
+class _Queued(Generic[Item]):
+    row: Item
     request: _Request
     index: int
     since: float = field(default_factory=time.monotonic)
 
 
-class MicroBatcher(Generic[Row, Result]):
+class MicroBatcher(Generic[Item, Result]):
     """Group rows from concurrent :meth:`submit` calls into calls of ``score(rows) -> results``.
 
     ``on_batch(rows, seconds, cpu_seconds)`` is told the size, duration and CPU time (of the
@@ -59,7 +59,7 @@ class MicroBatcher(Generic[Row, Result]):
 
     def __init__(
         self,
-        score: Callable[[list[Row]], Sequence[Result]],
+        score: Callable[[list[Item]], Sequence[Result]],
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
         max_queue_rows: int = 256,
@@ -72,7 +72,7 @@ class MicroBatcher(Generic[Row, Result]):
         self.max_wait_s = max_wait_s
         self.max_queue_rows = max_queue_rows
         self.on_batch = on_batch
-        self._queue: deque[_Queued[Row]] = deque()
+        self._queue: deque[_Queued[Item]] = deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harmaug-model")
         self._worker: asyncio.Task | None = None
@@ -104,7 +104,7 @@ class MicroBatcher(Generic[Row, Result]):
             return 1
         return max(1, math.ceil(len(self._queue) / self._rows_per_s))
 
-    async def submit(self, rows: Sequence[Row]) -> list[Result]:
+    async def submit(self, rows: Sequence[Item]) -> list[Result]:
         """Queue ``rows`` and wait for their results (in order); :class:`QueueFull` when full."""
         if self._stopping or not self.running:
             raise RuntimeError("the batcher is not running")
@@ -119,7 +119,7 @@ class MicroBatcher(Generic[Row, Result]):
         self._arrived.set()
         return await request.future
 
-    async def _next_batch(self) -> list[_Queued[Row]]:
+    async def _next_batch(self) -> list[_Queued[Item]]:
         """Wait for a first row, then for a full batch or the oldest row's wait budget."""
         loop = asyncio.get_running_loop()
         while not self._queue:
@@ -139,7 +139,7 @@ class MicroBatcher(Generic[Row, Result]):
                 break
         return [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
 
-    def _timed(self, rows: list[Row]) -> tuple[Sequence[Result], float]:
+    def _timed(self, rows: list[Item]) -> tuple[Sequence[Result], float]:
         started = time.thread_time()
         results = self.score(rows)
         return results, time.thread_time() - started

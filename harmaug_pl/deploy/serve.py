@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harmaug_pl.deploy.guard import Guard, verdict
 from harmaug_pl.deploy.microbatch import MicroBatcher, QueueFull
-from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError, one_line_errors
+
+if TYPE_CHECKING:  # the guard (torch, transformers) loads only when the command serves, not for --help
+    from harmaug_pl.deploy.guard import Guard
+from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError, first_line, one_line_errors
 
 try:
     import uvicorn
@@ -104,13 +106,13 @@ class ModerationRequest(BaseModel):
     model: StrictStr | None = None
 
 
-class Row(_Body):
+class ClassifyRow(_Body):
     prompt: StrictStr
     response: StrictStr | None = None
 
 
 class ClassifyRequest(_Body):
-    rows: list[Row]
+    rows: list[ClassifyRow]
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
@@ -214,6 +216,8 @@ class MetricsMiddleware:
 # -- the app ----------------------------------------------------------------------------------
 def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: str | None = None) -> FastAPI:
     """The service around a loaded guard; uvicorn (or a test client) runs its lifespan."""
+    from harmaug_pl.deploy.guard import verdict
+
     settings = settings or ServeSettings()
     settings.check()
     name = model_name or Path(guard.source).name
@@ -384,6 +388,8 @@ def moderation_result(p_unsafe: float, truncated: bool, threshold: float) -> dic
 # -- the command ------------------------------------------------------------------------------
 def load_guard(path: str, threads: int | None) -> Guard:
     """Load the guard and score one row, so a broken model stops the command before it serves."""
+    from harmaug_pl.deploy.guard import Guard
+
     if threads is not None:
         import torch
 
@@ -394,8 +400,7 @@ def load_guard(path: str, threads: int | None) -> Guard:
     except HarmAugError:
         raise
     except Exception as error:  # a corrupt file fails deep inside safetensors/onnxruntime/transformers
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load the guard {path}: {first}") from error
+        raise ModelLoadError(f"cannot load the guard {path}: {first_line(error)}") from error
     return guard
 
 

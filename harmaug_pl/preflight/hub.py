@@ -17,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import constants
 
-from harmaug_pl.errors import ModelLoadError
+from harmaug_pl.errors import ModelLoadError, first_line
 from harmaug_pl.model_loading import resolve_model, weight_format
 from harmaug_pl.package_refs import is_package_ref, resolve_package_path
 from harmaug_pl.preflight import DEFAULT_TIMEOUT_S
@@ -195,8 +195,7 @@ class HubLookup:
         except HfHubHTTPError:
             raise
         except Exception as err:
-            first_line = str(err).strip().split("\n")[0][:160]
-            self.unreachable = f"{type(err).__name__}: {first_line}"
+            self.unreachable = f"{type(err).__name__}: {first_line(err, 160)}"
             return None
 
 

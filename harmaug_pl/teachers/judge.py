@@ -31,6 +31,7 @@ class JudgeTeacher(VerdictWordTeacher):
     ``{prompt}`` and ``{response}``. Small judges are weak; prefer a real guard model when you can.
     """
 
+    cache_name = "JudgeTeacher"
     add_generation_prompt = True
     suffix = ""
 

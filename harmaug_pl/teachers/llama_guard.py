@@ -13,6 +13,7 @@ class LlamaGuardTeacher(VerdictWordTeacher):
     generation prompt and followed by ``"\\n\\n"``: what the HarmAug code does for Llama-Guard-3.
     """
 
+    cache_name = "LlamaGuardTeacher"
     add_generation_prompt = False
 
     def __init__(

@@ -22,6 +22,12 @@ class VerdictWordTeacher(BatchedTeacher):
     add_generation_prompt: bool
     suffix: str
 
+    @property
+    def cache_name(self) -> str:
+        """The teacher's name in cache keys. Shipped teachers pin it as fixed text, so renaming or moving
+        their class never relabels a cache (tests/test_cache_keys.py holds the keys of earlier commits)."""
+        return type(self).__name__
+
     def __init__(self, backend: ChatBackend, unsafe_word: str, safe_word: str, batch_size: int) -> None:
         super().__init__(batch_size)
         self.backend = backend
@@ -60,7 +66,7 @@ class VerdictWordTeacher(BatchedTeacher):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "teacher": type(self).__name__,
+            "teacher": self.cache_name,
             "backend": self.backend.describe(),
             "unsafe_word": self.unsafe_word,
             "safe_word": self.safe_word,

@@ -23,13 +23,13 @@ from torchmetrics.classification import (
 from transformers import get_linear_schedule_with_warmup
 
 from harmaug_pl.augment.rank_sync import all_gather_objects
+from harmaug_pl.deploy.guard import ID2LABEL
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.evaluation.metrics import Calibration, ScoredSet, calibrate_threshold
 from harmaug_pl.model_loading import build_sequence_classifier, load_sequence_classifier
 
 log = logging.getLogger(__name__)
 
-ID2LABEL = {0: "safe", 1: "unsafe"}
 
 _WEIGHTS_FROM_CHECKPOINT: ContextVar[bool] = ContextVar("weights_from_checkpoint", default=False)
 
