@@ -27,8 +27,19 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer LLM whose chat template mimics Llama Guard's (whole conversation in one turn)."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_guard"), chat_template=GUARD_TEMPLATE, seed=1)
+    """A 2-layer LLM whose chat template mimics Llama Guard's (whole conversation in one turn).
+
+    Hidden size 64, not 32: on CPUs with AVX512-BF16, bitsandbytes' eval-mode 4-bit path repacks each
+    weight by blocks of 64 input features and fails on narrower layers (any real model is wider), and
+    the consumer_24gb pack loads this teacher in 4 bits.
+    """
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_guard"),
+        chat_template=GUARD_TEMPLATE,
+        seed=1,
+        hidden_size=64,
+        intermediate_size=128,
+    )
 
 
 @pytest.fixture(scope="session")
