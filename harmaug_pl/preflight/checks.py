@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from harmaug_pl.backends import TransformersBackend, VLLMBackend
+from harmaug_pl.backends import OpenAICompatibleBackend, TransformersBackend, VLLMBackend
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.errors import HarmAugError
 from harmaug_pl.model_loading import resolve_model, weight_format
 from harmaug_pl.preflight import DEFAULT_TIMEOUT_S, Row, Status
 from harmaug_pl.preflight import memory as mem
+from harmaug_pl.preflight.endpoint_checks import endpoint_rows
 from harmaug_pl.preflight.hub import (
     HubLookup,
     ModelSource,
@@ -446,7 +447,7 @@ class Preflight:
     def _llm(self, stage: str, backend: Any, setting: str, batch_size: int, new_tokens: int) -> Any:
         """Rows for one LLM backend; returns a local tokenizer-only backend (or ``None``)."""
         if not isinstance(backend, (TransformersBackend, VLLMBackend)):
-            self._contributed(backend, stage)
+            self._backend_rows(backend, stage)
             return None
         vllm = isinstance(backend, VLLMBackend)
         source = self._model(backend.model_id, f"{setting}.init_args.model")
@@ -574,12 +575,12 @@ class Preflight:
         elif teacher is not None:
             self._contributed(teacher, "teacher")
             if getattr(teacher, "backend", None) is not None:
-                self._contributed(teacher.backend, "teacher backend")
+                self._backend_rows(teacher.backend, "teacher backend")
 
     def _endpoint_teacher(self, teacher: Any, prefix: str) -> None:
         """A teacher on a backend that checks itself (a remote endpoint): its rows, then what a teacher
         needs on top: log-probabilities from the server and verdict words that are distinct tokens."""
-        rows = self._contributed(teacher.backend, "teacher")
+        rows = self._backend_rows(teacher.backend, "teacher")
         for row in rows:
             if row.what == "log-probabilities" and row.status != "ok":
                 self.add(
@@ -621,6 +622,18 @@ class Preflight:
         else:
             self.add("verdict tokens", subject, "ok", f"{detail}: single, distinct tokens")
 
+    def _backend_rows(self, backend: Any, role: str) -> list[Row]:
+        """Rows for a backend that loads nothing here: a served model's (from its endpoint probe), or
+        the rows a backend harmaug-pl does not know gives about itself (also returned)."""
+        if isinstance(backend, OpenAICompatibleBackend):
+            return self._add_once(endpoint_rows(backend))
+        return self._contributed(backend, role)
+
+    def _add_once(self, rows: list[Row]) -> list[Row]:
+        """Add ``rows`` but those already there (stages sharing an endpoint: once); returns them all."""
+        self.rows.extend(row for row in rows if row not in self.rows)
+        return rows
+
     def _contributed(self, component: Any, role: str) -> list[Row]:
         """Rows that a backend or teacher harmaug-pl does not know gives about itself (also returned)."""
         name = type(component).__name__
@@ -638,8 +651,7 @@ class Preflight:
                 f"{name}.preflight_rows() raised {type(err).__name__}: {err}",
             )
             return []
-        self.rows.extend(row for row in rows if row not in self.rows)  # stages sharing an endpoint: once
-        return rows
+        return self._add_once(rows)
 
     # -- data sets -------------------------------------------------------------------------------
     def _data_sets(self) -> None:
