@@ -21,8 +21,8 @@ from harmaug_pl.cli import run_verb
 from harmaug_pl.cli.lightning_cli import main, parse_config
 from harmaug_pl.preflight import Row, memory
 from harmaug_pl.preflight.automatic import automatic_check
-from harmaug_pl.preflight.checks import Preflight
 from harmaug_pl.preflight.hub import HubLookup
+from harmaug_pl.preflight.runner import Preflight
 from harmaug_pl.preflight.table import format_table
 from tests import fake_hub_cache
 

@@ -665,7 +665,7 @@ def _teacher_config(url: str, tokenizer: Path, **backend_args: object) -> dict:
 def test_preflight_rows_for_a_teacher_endpoint(
     guard_url: str, tiny_guard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from harmaug_pl.preflight.checks import Preflight
+    from harmaug_pl.preflight.runner import Preflight
 
     def rows(config: dict) -> dict[str, tuple[str, str]]:
         found = Preflight(config, command="augment")
