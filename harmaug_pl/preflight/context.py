@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from harmaug_pl.errors import HarmAugError
-from harmaug_pl.preflight import DEFAULT_TIMEOUT_S, Row, Status
+from harmaug_pl.preflight import DEFAULT_TIMEOUT_S, CheckRow, Status
 from harmaug_pl.preflight import memory as mem
 from harmaug_pl.preflight.hub import HubLookup
 
@@ -67,7 +67,7 @@ class CheckContext:
         self.command = command
         self.quick = quick
         self.hub = HubLookup(timeout=timeout, offline=offline)
-        self.rows: list[Row] = []
+        self.rows: list[CheckRow] = []
         self._memo: dict[Any, Any] = {}
         self._gpus: list[mem.Device] | None = None
         self._student_params = 0
@@ -75,7 +75,7 @@ class CheckContext:
 
     # -- plumbing --------------------------------------------------------------------------------
     def add(self, what: str, subject: str, status: Status, detail: str, fix: str = "") -> None:
-        self.rows.append(Row(what, subject, status, detail, fix))
+        self.rows.append(CheckRow(what, subject, status, detail, fix))
 
     def _once(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` the first time ``key`` is met (its rows once), the same value after."""

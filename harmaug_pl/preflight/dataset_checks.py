@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.errors import HarmAugError
-from harmaug_pl.preflight import Row
+from harmaug_pl.preflight import CheckRow
 from harmaug_pl.preflight.context import EVAL_ONLY_COMMANDS, CheckContext
 from harmaug_pl.preflight.hub import local_data_file
 
 
-def _skipped(row: Row) -> Row:
+def _skipped(row: CheckRow) -> CheckRow:
     """An unreachable eval set under ``unavailable_eval_sets: skip``: the run leaves it out, warned."""
     if row.status != "blocker":
         return row
     detail = f"{row.detail}; the run skips it (data.init_args.unavailable_eval_sets: skip)"
-    return Row(row.what, row.subject, "warn", detail, row.fix)
+    return CheckRow(row.what, row.subject, "warn", detail, row.fix)
 
 
 class DataSetChecks(CheckContext):

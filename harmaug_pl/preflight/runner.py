@@ -16,7 +16,7 @@ pack, the rows, the shared lookups), one module each: ``environment_checks`` (CU
 from __future__ import annotations
 
 from harmaug_pl.backends import TransformersBackend
-from harmaug_pl.preflight import Row
+from harmaug_pl.preflight import CheckRow
 from harmaug_pl.preflight.context import init_args, is_a
 from harmaug_pl.preflight.dataset_checks import DataSetChecks
 from harmaug_pl.preflight.directory_checks import DirectoryChecks
@@ -29,7 +29,7 @@ class Preflight(EnvironmentChecks, StudentChecks, TeacherChecks, DataSetChecks, 
     """Every kind of check over one configuration: ``Preflight(config, command, quick).run()`` gives
     the rows (the arguments: :class:`~harmaug_pl.preflight.context.CheckContext`)."""
 
-    def run(self) -> list[Row]:
+    def run(self) -> list[CheckRow]:
         """Every row, in the order a run meets them."""
         from harmaug_pl.data.datamodule import HarmAugDataModule
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from harmaug_pl.backends import OpenAICompatibleBackend, TransformersBackend, VLLMBackend
-from harmaug_pl.preflight import Row
+from harmaug_pl.preflight import CheckRow
 from harmaug_pl.preflight.endpoint_checks import endpoint_rows
 from harmaug_pl.preflight.memory_checks import MemoryChecks
 
@@ -38,19 +38,19 @@ class StageChecks(MemoryChecks):
             self._transformers_memory(stage, backend, source, batch_size, new_tokens)
         return local
 
-    def _backend_rows(self, backend: Any, role: str) -> list[Row]:
+    def _backend_rows(self, backend: Any, role: str) -> list[CheckRow]:
         """Rows for a backend that loads nothing here: a served model's (from its endpoint probe), or
         the rows a backend harmaug-pl does not know gives about itself (also returned)."""
         if isinstance(backend, OpenAICompatibleBackend):
             return self._add_once(endpoint_rows(backend))
         return self._contributed(backend, role)
 
-    def _add_once(self, rows: list[Row]) -> list[Row]:
+    def _add_once(self, rows: list[CheckRow]) -> list[CheckRow]:
         """Add ``rows`` but those already there (stages sharing an endpoint: once); returns them all."""
         self.rows.extend(row for row in rows if row not in self.rows)
         return rows
 
-    def _contributed(self, component: Any, role: str) -> list[Row]:
+    def _contributed(self, component: Any, role: str) -> list[CheckRow]:
         """Rows that a backend or teacher harmaug-pl does not know gives about itself (also returned)."""
         name = type(component).__name__
         rows_of = getattr(component, "preflight_rows", None)
