@@ -7,16 +7,31 @@ plus a one-line entry in ``problems``; what that means for a run is the caller's
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
-from harmaug_pl.backends.remote.http_client import NotServedError, RemoteError
+from harmaug_pl.backends.remote.http_client import NotServedError, RemoteError, RetryingHttpClient
+from harmaug_pl.backends.remote.server_features import ServerFeatures
 from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
-
-if TYPE_CHECKING:
-    from harmaug_pl.backends.remote.backend import OpenAICompatibleBackend
 
 Logprobs = Literal["named", "top_k", "none"]
 TokenizerState = Literal["matches", "differs", "missing", "unchecked"]
+
+
+class Probed(Protocol):
+    """What the probe asks of a backend (:class:`OpenAICompatibleBackend`, which imports this module)."""
+
+    http: RetryingHttpClient
+    features: ServerFeatures
+    server: str
+    model: str
+    top_logprobs: int | None
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def served_model(self) -> str: ...
+
+    def check_tokenizer(self) -> bool: ...
 
 
 class EndpointProbe(TypedDict):
@@ -35,7 +50,7 @@ class EndpointProbe(TypedDict):
     problems: list[str]  # one line per problem met
 
 
-def probe_endpoint(backend: OpenAICompatibleBackend, timeout: float = 10.0) -> EndpointProbe:
+def probe_endpoint(backend: Probed, timeout: float = 10.0) -> EndpointProbe:
     """API key variable set, server reachable, model listed and what it really serves,
     log-probabilities, and whether the local tokenizer loads and reads a probe chat as the server does
     (``unchecked`` where the server cannot tell).
@@ -81,7 +96,7 @@ def probe_endpoint(backend: OpenAICompatibleBackend, timeout: float = 10.0) -> E
     return report
 
 
-def _probe_tokenizer(backend: OpenAICompatibleBackend, problems: list[str]) -> TokenizerState:
+def _probe_tokenizer(backend: Probed, problems: list[str]) -> TokenizerState:
     try:
         if not backend.features.token_prompts:
             backend.tokenizer  # noqa: B018 - loads here or says why not
@@ -97,7 +112,7 @@ def _probe_tokenizer(backend: OpenAICompatibleBackend, problems: list[str]) -> T
     return "matches"
 
 
-def _probe_logprobs(backend: OpenAICompatibleBackend) -> Logprobs:
+def _probe_logprobs(backend: Probed) -> Logprobs:
     """``named``, ``top_k`` or ``none``: what a 1-token request on token id 0 gets back."""
     features = backend.features
     if not (features.named_logprobs or (features.top_logprobs and backend.top_logprobs)):
