@@ -21,7 +21,7 @@ _EXPORTS = {
     "Responder": "harmaug_pl.augment.responder",
     "TransformersBackend": "harmaug_pl.backends.transformers_backend",
     "VLLMBackend": "harmaug_pl.backends.vllm_backend",
-    "OpenAICompatibleBackend": "harmaug_pl.backends.openai_compatible",
+    "OpenAICompatibleBackend": "harmaug_pl.backends.remote.backend",
     "SamplingConfig": "harmaug_pl.backends.base",
     "LlamaGuardTeacher": "harmaug_pl.teachers.llama_guard",
     "JudgeTeacher": "harmaug_pl.teachers.judge",

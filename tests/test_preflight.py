@@ -19,10 +19,10 @@ import pytest
 
 from harmaug_pl.cli import run_verb
 from harmaug_pl.cli.lightning_cli import main, parse_config
-from harmaug_pl.preflight import Row, memory
+from harmaug_pl.preflight import CheckRow, memory
 from harmaug_pl.preflight.automatic import automatic_check
-from harmaug_pl.preflight.checks import Preflight
 from harmaug_pl.preflight.hub import HubLookup
+from harmaug_pl.preflight.runner import Preflight
 from harmaug_pl.preflight.table import format_table
 from tests import fake_hub_cache
 
@@ -95,15 +95,15 @@ def gpus(monkeypatch: pytest.MonkeyPatch, gib: float, count: int = 1) -> None:
     monkeypatch.setattr(memory, "visible_gpus", lambda: [device] * count)
 
 
-def rows_of(config: dict[str, Any], **kwargs: Any) -> list[Row]:
+def rows_of(config: dict[str, Any], **kwargs: Any) -> list[CheckRow]:
     return Preflight(config, **kwargs).run()
 
 
-def blockers(rows: list[Row]) -> list[Row]:
+def blockers(rows: list[CheckRow]) -> list[CheckRow]:
     return [row for row in rows if row.status == "blocker"]
 
 
-def the_row(rows: list[Row], what: str, subject_part: str = "") -> Row:
+def the_row(rows: list[CheckRow], what: str, subject_part: str = "") -> CheckRow:
     found = [row for row in rows if row.what == what and subject_part in row.subject]
     assert len(found) == 1, format_table(rows)
     return found[0]
@@ -383,10 +383,10 @@ class EndpointBackend:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def preflight_rows(self) -> list[Row]:
+    def preflight_rows(self) -> list[CheckRow]:
         if "broken" in self.url:
             raise RuntimeError("a bug in the check")
-        return [Row("endpoint", self.url, "blocker", "connection refused", "start the server")]
+        return [CheckRow("endpoint", self.url, "blocker", "connection refused", "start the server")]
 
 
 class SilentBackend:

@@ -24,7 +24,7 @@ from harmaug_pl.augment.generator import Instruction
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends import ChatBackend, OpenAICompatibleBackend, SamplingConfig, TransformersBackend
-from harmaug_pl.backends.openai_compatible import RemoteError
+from harmaug_pl.backends.remote.http_client import RemoteError
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
@@ -665,7 +665,7 @@ def _teacher_config(url: str, tokenizer: Path, **backend_args: object) -> dict:
 def test_preflight_rows_for_a_teacher_endpoint(
     guard_url: str, tiny_guard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from harmaug_pl.preflight.checks import Preflight
+    from harmaug_pl.preflight.runner import Preflight
 
     def rows(config: dict) -> dict[str, tuple[str, str]]:
         found = Preflight(config, command="augment")

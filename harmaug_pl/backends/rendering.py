@@ -67,7 +67,7 @@ def render_ids(tokenizer: Any, chat: Chat, options: RenderOptions, max_input_tok
     """
     if max_input_tokens < 1:
         raise ConfigError(f"max_input_tokens must be >= 1, got {max_input_tokens}")
-    chat = _with_system_prompt(chat, options.system_prompt)
+    chat = with_system_prompt(chat, options.system_prompt)
     ids = _encode(tokenizer, render_text(tokenizer, chat, options))
     if len(ids) <= max_input_tokens:
         return Rendered(ids, False)
@@ -105,7 +105,7 @@ def render_text(tokenizer: Any, chat: Chat, options: RenderOptions) -> str:
 
     if not chat:
         raise DataError("a chat needs at least one message; got an empty one")
-    chat = _with_system_prompt(chat, options.system_prompt)
+    chat = with_system_prompt(chat, options.system_prompt)
     prefill = options.add_generation_prompt is None and chat[-1].get("role") == "assistant"
     template_options = {
         "chat_template": options.chat_template,
@@ -134,7 +134,7 @@ def render_text(tokenizer: Any, chat: Chat, options: RenderOptions) -> str:
     return text + options.suffix
 
 
-def _with_system_prompt(chat: Chat, system_prompt: str | None) -> Chat:
+def with_system_prompt(chat: Chat, system_prompt: str | None) -> Chat:
     if system_prompt is None or (chat and chat[0].get("role") == "system"):
         return list(chat)
     return [{"role": "system", "content": system_prompt}, *chat]

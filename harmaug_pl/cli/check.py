@@ -90,7 +90,7 @@ def console_main(argv: list[str]) -> None:
     start = time.perf_counter()
     with one_line_errors("harmaug check"):
         from harmaug_pl.cli.lightning_cli import parse_config  # LightningCLI: only once a pack is given
-        from harmaug_pl.preflight.checks import Preflight
+        from harmaug_pl.preflight.runner import Preflight
 
         config = parse_config(pack_arguments(argv))
         rows = Preflight(

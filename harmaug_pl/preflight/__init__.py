@@ -1,12 +1,12 @@
 """Preflight: find what would stop a run, in seconds, before a GPU hour is spent.
 
-``harmaug check --config <pack>`` prints one table of :class:`Row` s (every model, tokenizer, data
-set, extra, GPU, disk and directory a pack needs); ``augment``, ``fit``, ``validate`` and ``test``
-run its cheap part on the parsed configuration before any class is built. Nothing here loads
-weights: configs, tokenizers and file listings only.
+``harmaug check --config <pack>`` prints one table of :class:`CheckRow` s (every model, tokenizer,
+data set, extra, GPU, disk and directory a pack needs); ``augment``, ``fit``, ``validate`` and
+``test`` run its cheap part on the parsed configuration before any class is built. Nothing here
+loads weights: configs, tokenizers and file listings only.
 
-A backend or teacher that harmaug-pl does not ship (a remote endpoint, your own guard) adds rows of
-its own by defining ``preflight_rows(self) -> list[Row]`` (see :class:`RowSource`).
+A backend or teacher that harmaug-pl does not ship (your own backend or guard) adds rows of its own
+by defining ``preflight_rows(self) -> list[CheckRow]`` (see :class:`RowSource`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ DEFAULT_TIMEOUT_S = 5.0  # seconds per hub request (`harmaug check --timeout`)
 
 
 @dataclass(frozen=True)
-class Row:
+class CheckRow:
     """One preflight finding: ``what`` was checked about ``subject``, its status, and the fix.
 
     ``detail`` says what was found (also when it is fine); ``fix`` says what to change when the
@@ -45,7 +45,7 @@ class RowSource(Protocol):
     report a failed check as a ``blocker`` row naming the setting to change rather than raise.
     """
 
-    def preflight_rows(self) -> list[Row]:
+    def preflight_rows(self) -> list[CheckRow]:
         """Rows about this object (its endpoint, key, model, ...)."""
         ...
 
@@ -54,4 +54,4 @@ class PreflightError(HarmAugError):
     """The automatic preflight found blockers: the command stops before anything is loaded."""
 
 
-__all__ = ["PreflightError", "Row", "RowSource", "Status"]
+__all__ = ["PreflightError", "CheckRow", "RowSource", "Status"]

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from harmaug_pl.preflight import PreflightError
-from harmaug_pl.preflight.checks import Preflight
+from harmaug_pl.preflight.runner import Preflight
 from harmaug_pl.preflight.table import format_table, summary
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harmaug_pl.preflight import Row
+from harmaug_pl.preflight import CheckRow
 
 SUBJECT_WIDTH = 56
 
@@ -10,7 +10,7 @@ SUBJECT_WIDTH = 56
 WHAT_WIDTH = 22
 
 
-def format_table(rows: list[Row]) -> str:
+def format_table(rows: list[CheckRow]) -> str:
     """Rows as an aligned text table; a failing row's fix goes on the line below its detail."""
     lines = [f"{'status':<8} {'check':<{WHAT_WIDTH}} {'subject':<{SUBJECT_WIDTH}} detail"]
     indent = " " * (10 + WHAT_WIDTH + SUBJECT_WIDTH)
@@ -22,7 +22,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def summary(rows: list[Row], seconds: float) -> str:
+def summary(rows: list[CheckRow], seconds: float) -> str:
     counts = {status: sum(row.status == status for row in rows) for status in ("ok", "warn", "blocker")}
     return (
         f"{len(rows)} rows: {counts['ok']} ok, {counts['warn']} warning(s), {counts['blocker']} "

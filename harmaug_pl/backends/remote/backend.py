@@ -28,6 +28,9 @@ Cache identity (:meth:`OpenAICompatibleBackend.describe`): what the server reall
 template, and the settings that change outputs; never the URL or the key, so moving the same model
 to another host keeps the cache. Describing asks the server once (``/models``), so a fully cached run
 still needs it reachable.
+
+The parts: which server does what (:mod:`.server_features`), the retrying HTTP client and its errors
+(:mod:`.http_client`), the endpoint probe a preflight reads (:mod:`.probe`).
 """
 
 from __future__ import annotations
@@ -36,11 +39,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import os
-import random
 import re
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,260 +48,24 @@ from urllib.parse import urlsplit
 import torch
 
 from harmaug_pl.backends.base import Chat, SamplingConfig
+from harmaug_pl.backends.remote.http_client import (
+    NoSuchEndpointError,
+    NotServedError,
+    RemoteError,
+    RetryingHttpClient,
+    _one_line,
+)
+from harmaug_pl.backends.remote.probe import EndpointProbe, probe_endpoint
+from harmaug_pl.backends.remote.server_features import SERVERS
+from harmaug_pl.backends.rendering import with_system_prompt
 from harmaug_pl.backends.transformers_backend import TransformersBackend, _cut_at_stop
-from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
-from harmaug_pl.preflight import Row
+from harmaug_pl.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ServerFeatures:
-    """What one kind of server does with the OpenAI API (sources: docs/remote.md)."""
-
-    label: str
-    chat_prefill: bool  # /chat/completions continues a final assistant message (continue_final_message)
-    token_prompts: bool  # /completions takes the prompt as token ids (nothing re-tokenized)
-    named_logprobs: bool  # /completions returns log-probs of named token ids (logprob_token_ids)
-    top_logprobs: bool  # /completions returns the top-k log-probs of the next token (logprobs=k)
-    token_id_keys: bool  # ... keyed "token_id:<id>" (return_tokens_as_token_ids), not by token text
-    reports_root: bool  # /models names the weights behind an alias (``root``)
-    generation_config: bool  # sampling must be sent as a generation_config (transformers serve)
-    model_defaults: bool  # unsent sampling fields take the model's generation_config.json values
-
-
-SERVERS: dict[str, ServerFeatures] = {
-    "vllm": ServerFeatures(
-        label="vLLM",
-        chat_prefill=True,
-        token_prompts=True,
-        named_logprobs=True,
-        top_logprobs=True,
-        token_id_keys=True,
-        reports_root=True,
-        generation_config=False,
-        model_defaults=True,  # --generation-config auto (config/model.py, get_diff_sampling_param)
-    ),
-    "transformers": ServerFeatures(
-        label="transformers serve",
-        chat_prefill=False,
-        token_prompts=False,
-        named_logprobs=False,
-        top_logprobs=False,
-        token_id_keys=False,
-        reports_root=False,
-        generation_config=True,
-        model_defaults=False,
-    ),
-    "openai": ServerFeatures(
-        label="OpenAI-compatible server",
-        chat_prefill=False,
-        token_prompts=False,
-        named_logprobs=False,
-        top_logprobs=True,
-        token_id_keys=False,
-        reports_root=False,
-        generation_config=False,
-        model_defaults=False,
-    ),
-}
 GENERATION_APIS = ("auto", "chat", "completions")
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-MAX_RETRY_WAIT_S = 60.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class RemoteError(HarmAugError):
-    """The server failed or answered something unusable; the message names the endpoint and the row."""
-
-
-class NotServedError(ConfigError):
-    """The server answers but does not serve the configured model."""
-
-
-class NoSuchEndpointError(ConfigError):
-    """The server answers 404/405 for a path: a wrong base_url, or an endpoint this server lacks."""
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _server_message(response: Any) -> str:
-    """The error text of an answer: OpenAI's ``error.message``, FastAPI's ``detail``, or the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        return _one_line(response.text or response.reason_phrase, 200)
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return _one_line(error["message"], 200)
-        for value in (error, body.get("detail"), body.get("message")):
-            if value:
-                return _one_line(value if isinstance(value, str) else json.dumps(value), 200)
-    return _one_line(json.dumps(body), 200)
-
-
-def _model_not_found(response: Any, model: str) -> bool:
-    """vLLM: 404 ``NotFoundError`` with ``param: model``; OpenAI: ``code: model_not_found``."""
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return False
-    if not isinstance(error, dict):
-        return False
-    message = str(error.get("message", ""))
-    return error.get("param") == "model" or error.get("code") == "model_not_found" or model in message
-
-
-class _Http:
-    """One connection pool to one server: bounded connections, retries with backoff, one-line errors."""
-
-    def __init__(
-        self,
-        base_url: str,
-        label: str,
-        model: str,
-        api_key_env: str | None,
-        timeout: float,
-        max_retries: int,
-        retry_backoff: float,
-        connections: int,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.label = label
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.retry_backoff = retry_backoff
-        self.connections = connections
-        self._client: Any = None
-        self._lock = threading.Lock()  # request threads must not build two clients
-        self._jitter = random.Random()  # never the global RNG: training seeds must not depend on retries
-
-    def where(self, path: str) -> str:
-        return f"{self.label} at {path if '://' in path else self.base_url + path}"
-
-    def api_key(self) -> str | None:
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env, "")
-        if not key:
-            raise ConfigError(
-                f"api_key_env names the environment variable {self.api_key_env}, which is not set (or empty) "
-                f"here; export it with the API key of {self.base_url}"
-            )
-        return key
-
-    @property
-    def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                self._client = self._new_client()
-        return self._client
-
-    def _new_client(self) -> Any:
-        import httpx2
-
-        key = self.api_key()
-        return httpx2.Client(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {key}"} if key else {},
-            timeout=httpx2.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
-            limits=httpx2.Limits(
-                max_connections=self.connections, max_keepalive_connections=self.connections
-            ),
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None, row: str) -> dict[str, Any]:
-        """The JSON object the server answers; retries 408/429/5xx, dropped connections, timeouts and
-        malformed JSON with exponential backoff (``Retry-After`` wins); other 4xx fail at once."""
-        import httpx2
-
-        attempts = 1 + self.max_retries
-        problem = ""
-        for attempt in range(attempts):
-            wait: float | None = None
-            try:
-                response = self.client.request(method, path, json=body)
-            except httpx2.TimeoutException as err:
-                problem = f"no answer within timeout={self.timeout:g}s ({type(err).__name__})"
-            except httpx2.TransportError as err:
-                problem = f"connection failed ({type(err).__name__}: {_one_line(err, 160)})"
-            else:
-                if response.status_code in RETRY_STATUSES:
-                    problem = f"HTTP {response.status_code} ({_server_message(response)})"
-                    wait = _retry_after(response)
-                elif response.status_code >= 400:
-                    raise self._refused(response, path, row)
-                else:
-                    try:
-                        answer = response.json()
-                    except ValueError:
-                        answer = None
-                    if isinstance(answer, dict):
-                        return answer
-                    problem = (
-                        f"malformed JSON in an HTTP {response.status_code} answer: {response.text[:80]!r}"
-                    )
-            if attempt + 1 < attempts:
-                delay = wait if wait is not None else self.retry_backoff * 2**attempt
-                delay = min(delay, MAX_RETRY_WAIT_S) * (1 + 0.1 * self._jitter.random())
-                log.warning(
-                    "%s: %s for %s; retry %d of %d in %.1fs",
-                    self.where(path),
-                    problem,
-                    row,
-                    attempt + 1,
-                    attempts - 1,
-                    delay,
-                )
-                time.sleep(delay)
-        raise RemoteError(
-            f"{self.where(path)}: {problem} for {row}, after {attempts} attempt(s); finished batches are "
-            "cached, so re-running resumes once the server is back"
-        )
-
-    def _refused(self, response: Any, path: str, row: str) -> HarmAugError:
-        status, detail = response.status_code, _server_message(response)
-        where = self.where(path)
-        if status in (401, 403):
-            hint = (
-                f"check the key in ${self.api_key_env} (api_key_env)"
-                if self.api_key_env
-                else "it wants an API key: set api_key_env to the name of the environment variable holding it"
-            )
-            return ConfigError(f"{where} refused the request (HTTP {status}: {detail}); {hint}")
-        if status == 404 and _model_not_found(response, self.model):
-            return ConfigError(
-                f"{where}: the server does not serve model {self.model!r} (HTTP 404: {detail}); set model to "
-                "one of the ids its /models lists"
-            )
-        if status in (404, 405):
-            return NoSuchEndpointError(
-                f"{where} does not exist (HTTP {status}: {detail}); base_url must be the server's "
-                "OpenAI API root, e.g. http://host:8000/v1"
-            )
-        return RemoteError(f"{where} rejected the request for {row} (HTTP {status}: {detail})")
-
-
-def _retry_after(response: Any) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -397,7 +160,7 @@ class OpenAICompatibleBackend:
             system_prompt=system_prompt,
             chat_template=chat_template,
         )
-        self.http = _Http(
+        self.http = RetryingHttpClient(
             base_url,
             self.features.label,
             model,
@@ -423,7 +186,7 @@ class OpenAICompatibleBackend:
             template = self.templates.describe()
             served = self.served_model()
             if self.features.token_prompts:
-                self._check_tokenizer()
+                self.check_tokenizer()
             self._identity = {
                 "backend": "openai_compatible",
                 "server": self.server,
@@ -462,13 +225,17 @@ class OpenAICompatibleBackend:
             return str(entry["root"])
         return str(entry.get("root") or entry["id"])
 
-    def _check_tokenizer(self) -> bool:
+    def check_tokenizer(self) -> bool:
         """The server must read a probe chat as the local tokenizer and template do (vLLM's ``/tokenize``,
         at the server root): token-id prompts from a different tokenizer would be read as garbage.
         False when the server has no ``/tokenize`` to ask (a gateway in front of vLLM may hide it)."""
         root = self.http.base_url.removesuffix("/v1")
         chat = [{"role": "user", "content": "Is this chat tokenized the same way on both sides?"}]
-        body = {"model": self.model, "messages": self._with_system([chat])[0], "add_generation_prompt": True}
+        body = {
+            "model": self.model,
+            "messages": with_system_prompt(chat, self.templates.system_prompt),
+            "add_generation_prompt": True,
+        }
         try:
             answer = self.http.call("POST", f"{root}/tokenize", body, "the tokenizer check")
         except NoSuchEndpointError:
@@ -573,16 +340,6 @@ class OpenAICompatibleBackend:
             concurrent.futures.wait(futures)
             raise
 
-    def _with_system(self, chats: Sequence[Chat]) -> list[Chat]:
-        """Chats as sent: the system prompt first where a chat has none (the server must see it too)."""
-        system = self.templates.system_prompt
-        return [
-            [{"role": "system", "content": system}, *chat]
-            if system and chat[0]["role"] != "system"
-            else list(chat)
-            for chat in chats
-        ]
-
     def _route(self, chat: Chat) -> str:
         """``chat`` or ``completions`` for one chat, refusing at once what the server cannot do."""
         prefill = chat[-1].get("role") == "assistant"
@@ -621,7 +378,7 @@ class OpenAICompatibleBackend:
         """Continue every chat (see :class:`ChatBackend`); each chat gets its own seed from ``seed``."""
         if not chats:
             return []
-        chats = self._with_system(chats)
+        chats = [with_system_prompt(chat, self.templates.system_prompt) for chat in chats]
         prompts = self.prompts(chats)
         # a cut row goes over completions: the chat API would render the uncut chat
         routes = ["completions" if p.truncated else self._route(chat) for chat, p in zip(chats, prompts)]
@@ -774,150 +531,12 @@ class OpenAICompatibleBackend:
         self.tokenizer  # noqa: B018 - the one-line error when it cannot be loaded here
         return self.templates.first_token_id(word)
 
-    # -- preflight ---------------------------------------------------------------------------------
+    # -- probe -------------------------------------------------------------------------------------
 
-    def probe(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Cheap facts for a preflight, as data (never raises): API key variable set, server reachable,
-        model listed and what it really serves, log-probabilities (``named``, ``top_k`` or ``none``),
-        and whether the local tokenizer loads and reads a probe chat as the server does (``matches``,
-        ``differs``, ``missing`` here, or ``unchecked`` where the server cannot tell).
-
-        Sends ``GET /models``, at most one 1-token completion and (vLLM) one ``/tokenize``, each tried
-        once with ``timeout``. ``reachable`` is ``None`` when the probe could not ask (no key).
-        """
-        env = self.http.api_key_env
-        report: dict[str, Any] = {
-            "endpoint": self.http.base_url,
-            "server": self.server,
-            "model": self.model,
-            "api_key_env": env,
-            "api_key_set": None if env is None else bool(os.environ.get(env)),
-            "reachable": None,
-            "model_listed": None,
-            "served_model": None,
-            "logprobs": None,
-            "tokenizer": None,
-            "problems": [],
-        }
-        if report["api_key_set"] is False:
-            report["problems"].append(f"environment variable {env} (api_key_env) is not set")
-            return report
-        saved = (self.http.timeout, self.http.max_retries)
-        self.http.close()  # a fresh client with the short timeout
-        self.http.timeout, self.http.max_retries = min(saved[0], timeout), 0
-        try:
-            report["served_model"] = self.served_model()
-            report["reachable"] = report["model_listed"] = True
-            report["logprobs"] = self._probe_logprobs()
-            report["tokenizer"] = self._probe_tokenizer(report["problems"])
-        except NotServedError as err:
-            report.update(reachable=True, model_listed=False)
-            report["problems"].append(str(err))
-        except RemoteError as err:
-            report["reachable"] = bool(report["reachable"])
-            report["problems"].append(str(err))
-        except HarmAugError as err:  # the server answered, but refused (key, URL) or is not what server says
-            report["reachable"] = True
-            report["problems"].append(str(err))
-        except Exception as err:  # a preflight reports, it does not crash the check
-            report["problems"].append(f"{self.http.where('')}: unexpected {type(err).__name__}: {err}")
-        finally:
-            self.http.close()
-            self.http.timeout, self.http.max_retries = saved
-        return report
-
-    def preflight_rows(self) -> list[Row]:
-        """The probe as ``harmaug check`` rows: key variable, endpoint, served model, log-probabilities,
-        tokenizer. A server without log-probabilities is a warning here (generation works); the
-        preflight makes it a blocker where this backend serves a teacher."""
-        report = self.probe()
-        subject = f"{self.model} at {report['endpoint']}"
-        problems = "; ".join(report["problems"]) or "no detail"
-        rows: list[Row] = []
-        if report["api_key_set"] is not None:
-            env = report["api_key_env"]
-            rows.append(
-                Row("API key", subject, "ok", f"{env} is set")
-                if report["api_key_set"]
-                else Row(
-                    "API key", subject, "blocker", f"{env} (api_key_env) is not set", f"export {env}=<key>"
-                )
-            )
-            if not report["api_key_set"]:
-                return rows
-        if not report["reachable"]:
-            fix = "start the server (the pack's header has the command) or fix base_url"
-            return [*rows, Row("endpoint", subject, "blocker", problems, fix)]
-        if not report["model_listed"]:
-            fix = "set model to a name the server's /v1/models lists (or its --served-model-name)"
-            return [*rows, Row("endpoint", subject, "blocker", problems, fix)]
-        rows.append(
-            Row("endpoint", subject, "ok", f"reachable ({self.server}); serves {report['served_model']}")
-        )
-        logprobs = report["logprobs"]
-        if logprobs == "none":
-            rows.append(
-                Row(
-                    "log-probabilities",
-                    subject,
-                    "warn",
-                    f"{self.server} server: no next-token log-probabilities (generation works; a "
-                    "teacher cannot score here)",
-                    "serve a teacher with vLLM >= 0.28 (docs/remote.md)",
-                )
-            )
-        else:
-            how = "of the verdict tokens by id" if logprobs == "named" else f"top {self.top_logprobs} only"
-            rows.append(Row("log-probabilities", subject, "ok", how))
-        state = report["tokenizer"]
-        if state in ("missing", "differs"):
-            fix = "set tokenizer to a local copy of the served model's tokenizer (docs/remote.md)"
-            rows.append(Row("tokenizer", subject, "blocker", f"{state}: {problems}", fix))
-        else:
-            detail = (
-                "renders as the server does"
-                if state == "matches"
-                else "loads here (the server cannot compare)"
-            )
-            rows.append(Row("tokenizer", subject, "ok", detail))
-        return rows
-
-    def _probe_tokenizer(self, problems: list[str]) -> str:
-        try:
-            if not self.features.token_prompts:
-                self.tokenizer  # noqa: B018 - loads here or says why not
-                return "unchecked"
-            if not self._check_tokenizer():
-                return "unchecked"
-        except ModelLoadError as err:
-            problems.append(str(err))
-            return "missing"
-        except ConfigError as err:
-            problems.append(str(err))
-            return "differs"
-        return "matches"
-
-    def _probe_logprobs(self) -> str:
-        """``named``, ``top_k`` or ``none``: what a 1-token request on token id 0 gets back."""
-        if not (self.features.named_logprobs or (self.features.top_logprobs and self.top_logprobs)):
-            return "none"
-        body: dict[str, Any] = {"model": self.model, "max_tokens": 1, "temperature": 0.0, "logprobs": 1}
-        if self.features.token_prompts:
-            body["prompt"] = [0]
-        else:
-            body["prompt"] = "Hello"
-        if self.features.named_logprobs:
-            body["logprob_token_ids"] = [0]
-        if self.features.token_id_keys:
-            body["return_tokens_as_token_ids"] = True
-        answer = self.http.call("POST", "/completions", body, "the log-probability probe")
-        try:
-            step = answer["choices"][0]["logprobs"]["top_logprobs"][0]
-        except (KeyError, IndexError, TypeError):
-            return "none"
-        if self.features.named_logprobs and "token_id:0" in step:
-            return "named"
-        return "top_k" if step else "none"
+    def probe(self, timeout: float = 10.0) -> EndpointProbe:
+        """Cheap facts about the endpoint as plain data, for a preflight; never raises
+        (:func:`~harmaug_pl.backends.remote.probe.probe_endpoint`)."""
+        return probe_endpoint(self, timeout)
 
     def close(self) -> None:
         """Stop the request threads and close the connections (the server keeps running)."""
