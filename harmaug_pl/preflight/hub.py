@@ -181,7 +181,7 @@ class HubLookup:
                 (f"check the id; for a private repository log in (`hf auth login`) ({url})"),
             )
         except HfHubHTTPError as err:
-            return None, f"the hub answered {err}".split("\n")[0], ""
+            return None, f"the hub answered {first_line(err)}", ""
 
     def _request(self, call: Callable[[], Any]) -> Any:
         """One bounded hub request; after a network failure, no further ones (returns ``None``)."""

@@ -53,7 +53,7 @@ from harmaug_pl.backends.remote.http_client import (
     NotServedError,
     RemoteError,
     RetryingHttpClient,
-    _one_line,
+    one_line,
 )
 from harmaug_pl.backends.remote.probe import EndpointProbe, probe_endpoint
 from harmaug_pl.backends.remote.server_features import SERVERS
@@ -78,7 +78,7 @@ class _Prompt:
 
 
 def _row(index: int, chat: Chat) -> str:
-    return f"row {index} of the batch (last message {_one_line(chat[-1].get('content', ''), 60)!r})"
+    return f"row {index} of the batch (last message {one_line(chat[-1].get('content', ''), 60)!r})"
 
 
 class OpenAICompatibleBackend:
@@ -249,7 +249,7 @@ class OpenAICompatibleBackend:
             raise ConfigError(
                 f"{self.http.where(root + '/tokenize')}: the server reads a probe chat as other tokens "
                 f"than the local tokenizer {self.tokenizer_ref!r} and chat template do (server "
-                f"{_one_line(served, 80)}, here {_one_line(local, 80)}); set tokenizer (and chat_template) "
+                f"{one_line(served, 80)}, here {one_line(local, 80)}); set tokenizer (and chat_template) "
                 "to the served model's"
             )
         return True
@@ -568,7 +568,7 @@ def _field(answer: dict[str, Any], path: Sequence[str | int], where: str, row: s
             shown = ".".join(str(s) for s in path)
             raise RemoteError(
                 f"{where} answered without {shown} for {row} "
-                f"(the answer: {_one_line(json.dumps(answer), 160)})"
+                f"(the answer: {one_line(json.dumps(answer), 160)})"
             ) from None
     return value
 

@@ -37,7 +37,8 @@ class NoSuchEndpointError(ConfigError):
     """The server answers 404/405 for a path: a wrong base_url, or an endpoint this server lacks."""
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """A server's text (an error body, a chat message) on one line, whitespace folded, cut to ``limit``."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -47,15 +48,15 @@ def _server_message(response: Any) -> str:
     try:
         body = response.json()
     except ValueError:
-        return _one_line(response.text or response.reason_phrase, 200)
+        return one_line(response.text or response.reason_phrase, 200)
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and error.get("message"):
-            return _one_line(error["message"], 200)
+            return one_line(error["message"], 200)
         for value in (error, body.get("detail"), body.get("message")):
             if value:
-                return _one_line(value if isinstance(value, str) else json.dumps(value), 200)
-    return _one_line(json.dumps(body), 200)
+                return one_line(value if isinstance(value, str) else json.dumps(value), 200)
+    return one_line(json.dumps(body), 200)
 
 
 def _model_not_found(response: Any, model: str) -> bool:
@@ -162,7 +163,7 @@ class RetryingHttpClient:
             except httpx2.TimeoutException as err:
                 problem = f"no answer within timeout={self.timeout:g}s ({type(err).__name__})"
             except httpx2.TransportError as err:
-                problem = f"connection failed ({type(err).__name__}: {_one_line(err, 160)})"
+                problem = f"connection failed ({type(err).__name__}: {one_line(err, 160)})"
             else:
                 if response.status_code in RETRY_STATUSES:
                     problem = f"HTTP {response.status_code} ({_server_message(response)})"
