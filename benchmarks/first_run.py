@@ -139,8 +139,7 @@ def install_probes() -> Any:
 
     from harmaug_pl.augment import chat_stage, pipeline
     from harmaug_pl.backends import transformers_backend
-    from harmaug_pl.data import datamodule
-    from harmaug_pl.training import distillation
+    from harmaug_pl.training import datamodule, distillation
     from harmaug_pl.training.callbacks import eval_plots, eval_reporter, guard_registry, student_export
 
     _patch(transformers_backend, "load_causal_lm", "model load: chat LLM (generator/responder)")

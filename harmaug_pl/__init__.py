@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "DistillationModule": "harmaug_pl.training.distillation",
-    "HarmAugDataModule": "harmaug_pl.data.datamodule",
+    "HarmAugDataModule": "harmaug_pl.training.datamodule",
     "GuardExample": "harmaug_pl.data.schema",
     "InstructionGenerator": "harmaug_pl.augment.generator",
     "Responder": "harmaug_pl.augment.responder",

@@ -9,13 +9,13 @@ import mlflow
 import pytest
 from lightning.pytorch.loggers import MLFlowLogger
 
-from harmaug_pl.data.datamodule import HarmAugDataModule
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.deploy.export import ONNX_FILE
 from harmaug_pl.deploy.guard import Guard
 from harmaug_pl.evaluation.cost_profile import markdown, profile_scorer, with_ratios
 from harmaug_pl.teachers.callable_teacher import CallableTeacher
 from harmaug_pl.training.callbacks.cost_profile import CostProfile
+from harmaug_pl.training.datamodule import HarmAugDataModule
 from harmaug_pl.training.distillation import DistillationModule
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from harmaug_pl.data.datamodule import HarmAugDataModule, PairCollator, stratified_group_split
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
 from harmaug_pl.teachers.callable_teacher import CallableTeacher
+from harmaug_pl.training.datamodule import HarmAugDataModule, PairCollator, stratified_group_split
 from tests.helpers import KEYWORD_TEACHER, PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 
 

@@ -26,6 +26,7 @@ from sklearn.metrics import (
 
 from harmaug_pl.cli.lightning_cli import main
 from harmaug_pl.data.loaders import DataSource, load_examples
+from harmaug_pl.data.presets import load_preset, shipped_presets
 from harmaug_pl.errors import ConfigError, DataError
 from harmaug_pl.evaluation.metrics import (
     ScoredSet,
@@ -33,7 +34,6 @@ from harmaug_pl.evaluation.metrics import (
     expected_calibration_error,
     set_metrics,
 )
-from harmaug_pl.evaluation.presets import load_preset, shipped_presets
 from harmaug_pl.evaluation.report import PUBLISHED_TAG, EvalReport
 from harmaug_pl.package_refs import PACKAGE_ROOT as PACKAGE_DIR
 from harmaug_pl.training.callbacks.eval_plots import EvalPlots

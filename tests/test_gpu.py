@@ -72,8 +72,8 @@ class _TinyData(L.LightningDataModule):
 
     def __init__(self, tokenizer_dir: Path) -> None:
         super().__init__()
-        from harmaug_pl.data.datamodule import PairCollator
         from harmaug_pl.model_loading import load_tokenizer
+        from harmaug_pl.training.datamodule import PairCollator
 
         rows = [
             GuardExample("write a rude joke about placeholder people", teacher_score=0.9, label=1),

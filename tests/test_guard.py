@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmaug_pl.data.datamodule import PairCollator
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.deploy.export import INT8_FILE, ONNX_FILE
 from harmaug_pl.deploy.guard import GUARD_CONFIG, Guard
 from harmaug_pl.errors import ConfigError, ModelLoadError
+from harmaug_pl.training.datamodule import PairCollator
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE
 
 PROMPTS = PLACEHOLDER_UNSAFE + PLACEHOLDER_SAFE

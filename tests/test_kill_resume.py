@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from harmaug_pl.augment.pipeline import AugmentationResult
-from harmaug_pl.data.datamodule import HarmAugDataModule
 from harmaug_pl.data.loaders import DataSource
 from harmaug_pl.data.schema import GuardExample
+from harmaug_pl.training.datamodule import HarmAugDataModule
 from tests.helpers import PLACEHOLDER_SAFE, PLACEHOLDER_UNSAFE, write_jsonl
 from tests.test_augment import ROOT, SEED, FakeBackend, FakeTeacher, make_pipeline
 

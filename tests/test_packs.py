@@ -19,12 +19,12 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from harmaug_pl.backends import OpenAICompatibleBackend, TransformersBackend, VLLMBackend
 from harmaug_pl.cli.lightning_cli import HarmAugCLI, HarmAugTrainer, main
-from harmaug_pl.data.datamodule import HarmAugDataModule
 from harmaug_pl.package_refs import PACKAGE_ROOT as PACKAGE_DIR
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from harmaug_pl.training.callbacks.eval_plots import EvalPlots
 from harmaug_pl.training.callbacks.eval_reporter import EvalReporter
 from harmaug_pl.training.callbacks.student_export import StudentExport
+from harmaug_pl.training.datamodule import HarmAugDataModule
 from harmaug_pl.training.distillation import DistillationModule
 from tests.helpers import write_jsonl
 

@@ -38,7 +38,7 @@ def encode_pairs(
 ) -> Any:
     """The student's input (:func:`tokenize_rows`) padded to the batch's longest row.
 
-    Training (:class:`harmaug_pl.data.datamodule.PairCollator`) and serving
+    Training (:class:`harmaug_pl.training.datamodule.PairCollator`) and serving
     (:class:`harmaug_pl.deploy.guard.Guard`) both tokenise through :func:`tokenize_rows`, so a served guard
     truncates exactly as its student was trained.
     """

@@ -64,7 +64,7 @@ class DataSource:
     prompt hash (:func:`prompt_hash_fraction`) falls in ``[lo, hi)``, so one file can be split into
     disjoint seed and held-out parts. Order of filters: validation, ``drop_duplicates``,
     ``hash_range``, ``limit``. ``preset: <name>`` fills every setting left at its default from a
-    shipped eval set (:mod:`harmaug_pl.evaluation.presets`); ``path`` given with a hub preset reads
+    shipped eval set (:mod:`harmaug_pl.data.presets`); ``path`` given with a hub preset reads
     that local copy instead of the hub. A setting given with its default value counts as left at
     its default (a dataclass cannot tell them apart), so the preset's value wins there.
     """
@@ -130,7 +130,7 @@ class DataSource:
 
     def _apply_preset(self, name: str) -> None:
         """Settings still at their default take the preset's; a location given here wins over its own."""
-        from harmaug_pl.evaluation.presets import load_preset
+        from harmaug_pl.data.presets import load_preset
 
         preset = load_preset(name)
         skip = set()

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from harmaug_pl.data.presets import EvalSetPreset
 from harmaug_pl.evaluation.metrics import ScoredSet, SetMetrics, set_metrics
-from harmaug_pl.evaluation.presets import EvalSetPreset
 
 PAPER_COLUMNS = ("OAI", "ToxicChat", "HarmBench", "WildGuardMix")
 # HarmAug (arXiv 2410.01524) Table 1, F1 per set, mean F1, mean AUPRC (None: not published).

@@ -58,7 +58,7 @@ class DataSetChecks(CheckContext):
             return
         fix = f"create the file or set {setting}.path to an existing one"
         if source.preset:
-            from harmaug_pl.evaluation.presets import load_preset
+            from harmaug_pl.data.presets import load_preset
 
             preset = load_preset(source.preset)
             if "hf_name" not in preset.source:

@@ -31,7 +31,7 @@ class Preflight(EnvironmentChecks, StudentChecks, TeacherChecks, DataSetChecks, 
 
     def run(self) -> list[CheckRow]:
         """Every row, in the order a run meets them."""
-        from harmaug_pl.data.datamodule import HarmAugDataModule
+        from harmaug_pl.training.datamodule import HarmAugDataModule
 
         harmaug_data = is_a(self.config.get("data"), HarmAugDataModule)
         try:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import lightning as L
 
+from harmaug_pl.data.presets import load_preset
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.evaluation.metrics import ScoredSet
-from harmaug_pl.evaluation.presets import load_preset
 from harmaug_pl.evaluation.report import EvalReport
 from harmaug_pl.training.callbacks.eval_plots import calibrated_threshold
 from harmaug_pl.training.callbacks.mlflow_logging import mlflow_logger

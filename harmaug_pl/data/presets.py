@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from harmaug_pl.errors import ConfigError
+from harmaug_pl.package_refs import PACKAGE_ROOT
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "eval_sets"
+PRESET_DIR = PACKAGE_ROOT / "eval_sets"
 ROLES = ("benchmark", "over_refusal")
 
 
