@@ -24,7 +24,7 @@ from harmaug_pl.augment.generator import Instruction
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends import ChatBackend, OpenAICompatibleBackend, SamplingConfig, TransformersBackend
-from harmaug_pl.backends.remote.http_client import RemoteError
+from harmaug_pl.backends.remote.http_client import RemoteError, RetryingHttpClient
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
@@ -693,3 +693,25 @@ def test_preflight_rows_for_a_teacher_endpoint(
     monkeypatch.delenv("UNSET_PREFLIGHT_KEY", raising=False)
     nokey = rows(_teacher_config(guard_url, tiny_guard, api_key_env="UNSET_PREFLIGHT_KEY"))
     assert nokey == {"API key": ("blocker", "UNSET_PREFLIGHT_KEY (api_key_env) is not set")}
+
+
+@pytest.mark.parametrize(
+    ("url", "in_clear"),
+    [
+        ("http://10.0.0.5:8000/v1", True),
+        ("http://gpu-box:8000", True),
+        ("http://127.0.0.1:8000", False),
+        ("http://localhost:8000", False),
+        ("http://[::1]:8000", False),
+        ("https://gpu-box:8000", False),
+    ],
+)
+def test_an_api_key_over_plain_http_to_another_host_is_warned(
+    url: str, in_clear: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("HARMAUG_TEST_KEY", "s3cret-key")
+    client = RetryingHttpClient(url, "teacher", "m", "HARMAUG_TEST_KEY", 5.0, 0, 0.1, 1)
+    with caplog.at_level(logging.WARNING):
+        assert client.client is not None
+    assert ("goes over plain http://" in caplog.text) is in_clear
+    assert "s3cret-key" not in caplog.text
