@@ -670,6 +670,8 @@ def test_preflight_rows_for_a_teacher_endpoint(
     def rows(config: dict) -> dict[str, tuple[str, str]]:
         found = Preflight(config, command="augment")
         found._stages()
+        whats = [row.what for row in found.rows]
+        assert len(whats) == len(set(whats)), whats  # one row per check: never two that disagree
         return {row.what: (row.status, row.detail) for row in found.rows}
 
     good = rows(_teacher_config(guard_url, tiny_guard))
@@ -715,3 +717,14 @@ def test_an_api_key_over_plain_http_to_another_host_is_warned(
         assert client.client is not None
     assert ("goes over plain http://" in caplog.text) is in_clear
     assert "s3cret-key" not in caplog.text
+
+
+def test_preflight_names_a_bad_teacher_setting_instead_of_crashing(guard_url: str, tiny_guard: Path) -> None:
+    from harmaug_pl.preflight.runner import Preflight
+
+    config = _teacher_config(guard_url, tiny_guard)
+    config["data"]["init_args"]["teacher"]["init_args"]["batch_sise"] = 8  # a typo of batch_size
+    found = Preflight(config, command="augment")
+    found._stages()
+    (row,) = [row for row in found.rows if row.what == "settings"]
+    assert row.status == "blocker" and "batch_sise" in row.detail and row.subject == "data.init_args.teacher"
