@@ -9,12 +9,13 @@ Part 2, load (HTTP): per format, servers started identically but for their batch
 its own process (``python -m harmaug_pl.deploy.serve``, same ``--threads``), all up at once;
 ``--clients`` concurrent clients each send one-row ``/v1/moderations`` requests back to back for
 ``--duration`` seconds (eval-set prompts, in turn), then stop. The arms take turns, ``--repeats``
-rounds of all of them, so a change in the machine's other load falls on every arm alike; the
-ratios are given as the median and range over the rounds. Reported: rows/s, p50/p95/p99 latency, errors, rows per
-model call, model time per row (the server's own ``harmaug_model_seconds``: tokenise + forward)
-apart from the server's whole CPU time per row (the difference is HTTP, JSON and scheduling), the
-load generator's CPU, and the server's RSS before and after. The ratio that matters: rows/s of the
-micro-batching server vs the batch-size-1 server at the most clients, per round, same run.
+rounds of all of them, so a change in the machine's other load falls on every arm alike; the ratios
+are given as the median and range over the rounds. Reported: rows/s, p50/p95/p99 latency, errors,
+rows per model call, model time per row (the server's own ``harmaug_model_seconds``: tokenise +
+forward) apart from the server's whole CPU time per row (the difference is HTTP, JSON and
+scheduling), the load generator's CPU, and the server's RSS before and after. The ratio that
+matters: rows/s of the micro-batching server vs the batch-size-1 server at the most clients, per
+round, same run.
 
 Part 3, fairness: the default server gets the largest request its limits allow (``max_rows`` rows of
 ``max_chars`` characters, as many as fit in ``max_body_bytes``), and 0.3 s later a one-row request;
@@ -32,8 +33,8 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -368,13 +369,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for cell in cells:
                     if cell["format"] == fmt and cell["arm"] == arm:
                         cell.update(rss_before_mib=rss_before[arm], rss_after_mib=rss_after)
-                        cell["rss_growth_pct"] = round(100 * (rss_after - rss_before[arm]) / rss_before[arm], 1)
+                        cell["rss_growth_pct"] = round(
+                            100 * (rss_after - rss_before[arm]) / rss_before[arm], 1
+                        )
 
     ratios = []
     for fmt in args.formats:
         per_round = []
         for round_ in range(args.repeats):
-            at = {c["arm"]: c for c in cells if c["format"] == fmt and c["clients"] == most and c["round"] == round_}
+            at = {
+                c["arm"]: c
+                for c in cells
+                if c["format"] == fmt and c["clients"] == most and c["round"] == round_
+            }
             per_round.append(
                 {
                     "rows_per_s_ratio": at[batched]["rows_per_s"] / at[single]["rows_per_s"],
@@ -458,7 +465,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
         )
     )
-    lines += ["", f"## Micro-batching vs batch size 1 at {most} clients (median [range] of {args.repeats} rounds)", ""]
+    lines += [
+        "",
+        f"## Micro-batching vs batch size 1 at {most} clients (median [range] of {args.repeats} rounds)",
+        "",
+    ]
     lines.append(
         markdown_table(
             [

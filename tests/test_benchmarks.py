@@ -280,7 +280,9 @@ def test_serving_benchmark_runs_every_arm_and_stops_its_servers(
     assert [(c["arm"].split(",")[0], c["clients"]) for c in cells] == one_round * 2  # the arms take turns
     assert [c["round"] for c in cells] == [0] * 4 + [1] * 4
     assert all(c["errors"] == 0 and c["rows"] > 0 for c in cells)
-    one_forward = [b for b in started if "--forward_batch_size" in b and b[b.index("--forward_batch_size") + 1] == "0"]
+    one_forward = [
+        b for b in started if "--forward_batch_size" in b and b[b.index("--forward_batch_size") + 1] == "0"
+    ]
     assert len(started) == 3 and len(one_forward) == 1  # the "one forward" arm really is one forward pass
     assert {r["rule"] for r in data["model_shapes"]["ONNX int8"]} >= {
         "batch 1",

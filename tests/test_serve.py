@@ -378,7 +378,11 @@ def json_bytes(payload: Any) -> bytes:
 
 def test_text_that_is_not_unicode_is_refused_by_field_and_never_fails_its_batch(guard: Guard) -> None:
     bad = [
-        ("/v1/classify", {"rows": [{"prompt": "fine"}, {"prompt": "a", "response": "x\ud800"}]}, "rows[1].response"),
+        (
+            "/v1/classify",
+            {"rows": [{"prompt": "fine"}, {"prompt": "a", "response": "x\ud800"}]},
+            "rows[1].response",
+        ),
         ("/v1/moderations", {"input": "\udfff"}, "input"),
         ("/v1/moderations", {"input": ["fine", "ab\ud800cd"]}, "input[1]"),
     ]
@@ -388,7 +392,9 @@ def test_text_that_is_not_unicode_is_refused_by_field_and_never_fails_its_batch(
         async with served(guard, max_batch_size=64, max_wait_ms=500) as client:
             headers = {"content-type": "application/json"}
             sent = [client.post("/v1/moderations", json={"input": p}) for p in PROMPTS]
-            sent += [client.post(path, content=json_bytes(payload), headers=headers) for path, payload, _ in bad]
+            sent += [
+                client.post(path, content=json_bytes(payload), headers=headers) for path, payload, _ in bad
+            ]
             replies = await asyncio.gather(*sent)
             await answers_correctly(client, guard)
         return replies
@@ -469,7 +475,9 @@ class RawClient:
         return next(m["status"] for m in self.sent if m["type"] == "http.response.start")
 
     def json(self) -> Any:
-        return json.loads(b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body"))
+        return json.loads(
+            b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+        )
 
 
 def test_rows_of_a_client_that_disconnected_leave_the_queue(guard: Guard) -> None:

@@ -167,7 +167,9 @@ def raw_exchange(url: str, data: bytes, wait_s: float = 10.0) -> tuple[bytes, fl
 
 def post_head(length: int | None) -> bytes:
     size = b"Transfer-Encoding: chunked" if length is None else b"Content-Length: %d" % length
-    return b"POST /v1/moderations HTTP/1.1\r\nHost: guard\r\nContent-Type: application/json\r\n%s\r\n\r\n" % size
+    return (
+        b"POST /v1/moderations HTTP/1.1\r\nHost: guard\r\nContent-Type: application/json\r\n%s\r\n\r\n" % size
+    )
 
 
 def test_hostile_http_is_refused_and_every_connection_ends(
@@ -176,7 +178,9 @@ def test_hostile_http_is_refused_and_every_connection_ends(
     process, url = server
     big = json.dumps({"input": "x" * 6000}).encode()  # over the 5000-byte limit (BAD_LIMITS)
     declared, _ = raw_exchange(url, post_head(len(big)) + big)
-    chunked_body = b"".join(b"%x\r\n%s\r\n" % (len(big[i : i + 700]), big[i : i + 700]) for i in range(0, len(big), 700))
+    chunked_body = b"".join(
+        b"%x\r\n%s\r\n" % (len(big[i : i + 700]), big[i : i + 700]) for i in range(0, len(big), 700)
+    )
     chunked, _ = raw_exchange(url, post_head(None) + chunked_body + b"0\r\n\r\n")
     for answer in (declared, chunked):
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -184,10 +188,12 @@ def test_hostile_http_is_refused_and_every_connection_ends(
         assert json.loads(body)["error"]["code"] == "body_too_large"
     short, took = raw_exchange(url, post_head(100) + b'{"input": "h')  # the rest never comes
     assert short.startswith(b"HTTP/1.1 408") and took < READ_TIMEOUT_S + 5, (short, took)
-    slow_headers, took = raw_exchange(url, b"POST /v1/moderations HTTP/1.1\r\nHost: gu")  # nor the headers' end
+    slow_headers, took = raw_exchange(
+        url, b"POST /v1/moderations HTTP/1.1\r\nHost: gu"
+    )  # nor the headers' end
     assert slow_headers == b"" and took < READ_TIMEOUT_S + 5  # closed by the server
     again = httpx2.post(f"{url}/v1/moderations", json={"input": PROMPTS[0]}, timeout=30)
-    assert again.status_code == 200 and again.json()["results"][0]["category_scores"]["unsafe"] == pytest.approx(
-        Guard.from_pretrained(tiny_export).score([PROMPTS[0]])[0], abs=1e-6
-    )
+    assert again.status_code == 200 and again.json()["results"][0]["category_scores"][
+        "unsafe"
+    ] == pytest.approx(Guard.from_pretrained(tiny_export).score([PROMPTS[0]])[0], abs=1e-6)
     assert process.poll() is None

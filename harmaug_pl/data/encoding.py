@@ -7,8 +7,9 @@ Cost is bounded by ``max_length``, not by the text: each text is cut *before* to
 boundary, to the shortest prefix that still has more than ``max_length`` tokens (tried on a growing
 prefix: 8 characters per token first, then 16x more), so a 100,000-character row of words costs
 about what a 1,000-character one does (a text of few tokens per character, such as one 100,000-
-character "word", is read about twice, never tokenised into more than ``2 * max_length`` tokens). A row that fits keeps exactly the tokens of the whole text, a cut never
-splits a word (so it never makes a new unknown token), and the row is still marked truncated. One
+character "word", is read about twice, never tokenised into more than ``2 * max_length`` tokens).
+A row that fits keeps exactly the tokens of the whole text, a cut never splits a word (so it never
+makes a new unknown token), and the row is still marked truncated. One
 difference from tokenising the whole text: when *both* prompt and response are over the limit, the
 tokenizer's ``longest_first`` rule gives its one odd token to the longer of the two *prefixes*.
 """
@@ -38,7 +39,9 @@ def text_problem(text: str) -> str | None:
 
 
 def _words(tokenizer: Any, text: str) -> Any:
-    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False)
+    return tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, truncation=False, verbose=False
+    )
 
 
 def cut_text(tokenizer: Any, text: str, keep_tokens: int) -> tuple[str, int]:
@@ -56,7 +59,9 @@ def cut_text(tokenizer: Any, text: str, keep_tokens: int) -> tuple[str, int]:
             end = next((i for i in range(keep_tokens, len(words)) if words[i] != words[keep_tokens]), None)
             if end is not None:
                 return text[: encoded["offset_mapping"][end][0]], end
-            if len(words) > 2 * keep_tokens:  # one word of that many tokens: cut inside it, well past the limit
+            if (
+                len(words) > 2 * keep_tokens
+            ):  # one word of that many tokens: cut inside it, well past the limit
                 return text[: encoded["offset_mapping"][2 * keep_tokens][0]], 2 * keep_tokens
         if whole:
             return text, len(words)

@@ -23,9 +23,17 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape (what its clients parse): ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = "invalid_request_error" if status < 500 else "service_unavailable" if status == 503 else "server_error"
+    kind = (
+        "invalid_request_error"
+        if status < 500
+        else "service_unavailable"
+        if status == 503
+        else "server_error"
+    )
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -68,7 +76,11 @@ class BodyLimit:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
-                refusal = (408, f"the request body did not arrive within {self.timeout_s:g} s", "body_timeout")
+                refusal = (
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s",
+                    "body_timeout",
+                )
                 raise _Refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))

@@ -73,7 +73,12 @@ class MicroBatcher(Generic[Item, Result]):
         on_batch: Callable[[int, float, float], Any] | None = None,
         turn_rows: int | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_rows < 1 or max_wait_s < 0 or (turn_rows is not None and turn_rows < 1):
+        if (
+            max_batch_size < 1
+            or max_queue_rows < 1
+            or max_wait_s < 0
+            or (turn_rows is not None and turn_rows < 1)
+        ):
             raise ValueError("max_batch_size, max_queue_rows and turn_rows must be >= 1 and max_wait_s >= 0")
         self.score = score
         self.max_batch_size = max_batch_size
@@ -194,7 +199,9 @@ class MicroBatcher(Generic[Item, Result]):
             return
         started = time.perf_counter()
         try:
-            results, cpu = await loop.run_in_executor(self._executor, self._timed, [r.rows[i] for r, i in live])
+            results, cpu = await loop.run_in_executor(
+                self._executor, self._timed, [r.rows[i] for r, i in live]
+            )
         except Exception as error:
             requests = list(dict.fromkeys(r for r, _ in live))
             if len(requests) == 1:

@@ -240,7 +240,10 @@ class MetricsMiddleware:
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                }
             await send(message)
 
         try:
@@ -306,7 +309,9 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
     def failure(request: Request, error: BaseException) -> JSONResponse:
         rid = request_id(request)
         log.error("request %s failed", rid, exc_info=error)
-        return error_response(500, f"the guard failed on this request (request id {rid})", code="internal_error")
+        return error_response(
+            500, f"the guard failed on this request (request id {rid})", code="internal_error"
+        )
 
     @app.exception_handler(Exception)
     async def failed(request: Request, error: Exception) -> JSONResponse:
@@ -534,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request's headers, then its body, must each arrive within this (else closed / 408)",
     )
     parser.add_argument(
-        "--keep_alive_s", type=float, default=defaults.keep_alive_s, help="idle kept-alive connections close after this"
+        "--keep_alive_s",
+        type=float,
+        default=defaults.keep_alive_s,
+        help="idle kept-alive connections close after this",
     )
     parser.add_argument(
         "--max_connections",
@@ -543,7 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections + requests at most; beyond, uvicorn answers 503",
     )
     parser.add_argument(
-        "--http", default="auto", choices=HTTP_PARSERS, help="uvicorn's HTTP parser (auto: httptools if installed)"
+        "--http",
+        default="auto",
+        choices=HTTP_PARSERS,
+        help="uvicorn's HTTP parser (auto: httptools if installed)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch / onnxruntime intra-op threads (default: theirs)"
