@@ -6,15 +6,22 @@ in batches of 32 rows padded to their longest row (one forward pass, what the co
 plus the fixed cost of one forward pass (one 8-token row) and the padding each rule adds.
 
 Part 2, load (HTTP): per format, servers started identically but for their batching settings, each
-its own process (``python -m harmaug_pl.deploy.serve``, same ``--threads``); ``--clients`` concurrent
-clients each send one-row ``/v1/moderations`` requests back to back for ``--duration`` seconds
-(eval-set prompts, in turn), then stop. Reported: rows/s, p50/p95/p99 latency, errors, rows per
-model call, model time per row (the server's own ``harmaug_model_seconds``: tokenise + forward)
-apart from the server's whole CPU time per row (the difference is HTTP, JSON and scheduling), the
-load generator's CPU, and the server's RSS before and after. The ratio that matters: rows/s of the
-micro-batching server vs the batch-size-1 server at the most clients, same run.
+its own process (``python -m harmaug_pl.deploy.serve``, same ``--threads``), all up at once;
+``--clients`` concurrent clients each send one-row ``/v1/moderations`` requests back to back for
+``--duration`` seconds (eval-set prompts, in turn), then stop. The arms take turns, ``--repeats``
+rounds of all of them, so a change in the machine's other load falls on every arm alike; the ratios
+are given as the median and range over the rounds. Reported: rows/s, p50/p95/p99 latency, errors,
+rows per model call, model time per row (the server's own ``harmaug_model_seconds``: tokenise +
+forward) apart from the server's whole CPU time per row (the difference is HTTP, JSON and
+scheduling), the load generator's CPU, and the server's RSS before and after. The ratio that
+matters: rows/s of the micro-batching server vs the batch-size-1 server at the most clients, per
+round, same run.
 
-    python -m benchmarks.serving [--student runs/cpu_tiny/student] [--duration 10] [--threads 1]
+Part 3, fairness: the default server gets the largest request its limits allow (``max_rows`` rows of
+``max_chars`` characters, as many as fit in ``max_body_bytes``), and 0.3 s later a one-row request;
+reported: how long the one-row request took, and the large one.
+
+    python -m benchmarks.serving [--student runs/cpu_tiny/student] [--duration 10] [--threads 1] [--repeats 3]
 
 On a shared machine wall-clock rates move with the other load; CPU time per row moves much less.
 """
@@ -23,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +61,7 @@ from harmaug_pl.data.encoding import tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.deploy.export import INT8_FILE, ONNX_FILE
 from harmaug_pl.deploy.guard import Guard
+from harmaug_pl.deploy.serve import ServeSettings
 
 NAME = "serving"
 REPO = Path(__file__).resolve().parent.parent
@@ -219,6 +230,33 @@ async def load(url: str, prompts: list[str], clients: int, duration: float) -> d
     return {"latencies": latencies, "errors": errors, "elapsed": elapsed}
 
 
+async def fairness(url: str) -> dict[str, Any]:
+    """The largest request the server's default limits allow, then a one-row request 0.3 s later."""
+    limits = ServeSettings()
+    text = "a " * (limits.max_chars // 2)
+    rows = min(limits.max_rows, (limits.max_body_bytes - 32) // (len(json.dumps(text)) + 2))
+    async with httpx2.AsyncClient(base_url=url, timeout=300) as http:
+        started = time.perf_counter()
+        large = asyncio.ensure_future(http.post("/v1/moderations", json={"input": [text] * rows}))
+        await asyncio.sleep(0.3)
+        sent = time.perf_counter()
+        small = await http.post("/v1/moderations", json={"input": "hello"})
+        small_s = time.perf_counter() - sent
+        big = await large
+    return {
+        "large_rows": rows,
+        "large_chars_per_row": len(text),
+        "large_s": round(time.perf_counter() - started, 2),
+        "one_row_s": round(small_s, 3),
+        "statuses": [big.status_code, small.status_code],
+    }
+
+
+def spread(values: list[float]) -> str:
+    """Median [min-max] over the rounds."""
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -262,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per cell")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of all arms, taken in turn")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch / onnxruntime threads")
     parser.add_argument(
         "--max-batch-size", type=int, default=32, help="micro-batching server: rows per model call"
@@ -299,49 +338,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"micro-batch {args.max_batch_size}, one forward": [
             "--max_batch_size",
             str(args.max_batch_size),
+            "--forward_batch_size",
+            "0",
             *wait,
         ],
         "batch size 1": ["--max_batch_size", "1", "--max_wait_ms", "0"],
     }
+    batched, one_forward, single = arms
     most = max(args.clients)
-    cells = []
+    cells, fair = [], []
     for fmt in args.formats:
         model = folder / FORMATS[fmt] if FORMATS[fmt] else folder
-        for arm, batching in arms.items():
-            with Server(model, args.threads, batching) as server:
+        with contextlib.ExitStack() as stack:
+            servers = {arm: stack.enter_context(Server(model, args.threads, b)) for arm, b in arms.items()}
+            rss_before = {}
+            for arm, server in servers.items():
                 asyncio.run(load(server.url, prompts, 4, 2.0))  # warm-up
-                rss_before = process_rss_mib(server.process.pid)
-                for clients in args.clients if arm == next(iter(arms)) else [most]:
-                    cell = {"format": fmt, "arm": arm, **measure(server, prompts, clients, args.duration)}
-                    cells.append(cell)
-                    print(cell, flush=True)
+                rss_before[arm] = process_rss_mib(server.process.pid)
+            for round_ in range(args.repeats):
+                for arm, server in servers.items():
+                    for clients in args.clients if arm == batched else [most]:
+                        cell = {"format": fmt, "arm": arm, "round": round_}
+                        cell.update(measure(server, prompts, clients, args.duration))
+                        cells.append(cell)
+                        print(cell, flush=True)
+                fair.append({"format": fmt, "round": round_, **asyncio.run(fairness(servers[batched].url))})
+                print(fair[-1], flush=True)
+            for arm, server in servers.items():
                 rss_after = process_rss_mib(server.process.pid)
-            for cell in cells:
-                if cell["format"] == fmt and cell["arm"] == arm:
-                    cell.update(rss_before_mib=rss_before, rss_after_mib=rss_after)
-                    cell["rss_growth_pct"] = round(100 * (rss_after - rss_before) / rss_before, 1)
+                for cell in cells:
+                    if cell["format"] == fmt and cell["arm"] == arm:
+                        cell.update(rss_before_mib=rss_before[arm], rss_after_mib=rss_after)
+                        cell["rss_growth_pct"] = round(
+                            100 * (rss_after - rss_before[arm]) / rss_before[arm], 1
+                        )
 
     ratios = []
-    batched, one_forward, single = arms
     for fmt in args.formats:
-        at = {c["arm"]: c for c in cells if c["format"] == fmt and c["clients"] == most}
-        ratios.append(
-            {
-                "format": fmt,
-                "rows_per_s_ratio": round(at[batched]["rows_per_s"] / at[single]["rows_per_s"], 2),
-                "one_forward_ratio": round(at[one_forward]["rows_per_s"] / at[single]["rows_per_s"], 2),
-                "server_cpu_per_row_ratio": round(
-                    at[single]["server_cpu_ms_per_row"] / at[batched]["server_cpu_ms_per_row"], 2
-                ),
+        per_round = []
+        for round_ in range(args.repeats):
+            at = {
+                c["arm"]: c
+                for c in cells
+                if c["format"] == fmt and c["clients"] == most and c["round"] == round_
             }
-        )
+            per_round.append(
+                {
+                    "rows_per_s_ratio": at[batched]["rows_per_s"] / at[single]["rows_per_s"],
+                    "one_forward_ratio": at[one_forward]["rows_per_s"] / at[single]["rows_per_s"],
+                    "server_cpu_per_row_ratio": at[single]["server_cpu_ms_per_row"]
+                    / at[batched]["server_cpu_ms_per_row"],
+                }
+            )
+        ratios.append({"format": fmt, **{k: spread([r[k] for r in per_round]) for k in per_round[0]}})
+        ratios[-1]["rounds"] = [{k: round(v, 3) for k, v in r.items()} for r in per_round]
 
     load_avg = os.getloadavg()
     lines = [
         f"# Serving under load ({what})",
         "",
         f"{machine_info()['cpu_count']} CPUs, server threads {args.threads}, {args.duration:g} s per cell, "
-        f"one-row /v1/moderations requests; load average at the end {load_avg[0]:.1f} (other jobs included).",
+        f"{args.repeats} rounds of the arms in turn, one-row /v1/moderations requests; load average at "
+        f"the end {load_avg[0]:.1f} (other jobs included).",
         "",
         "## Part 1: the model alone, CPU per row by batching rule",
         "",
@@ -369,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             [
                 "format",
                 "server",
+                "round",
                 "clients",
                 "rows/s",
                 "p50 ms",
@@ -387,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 [
                     c["format"],
                     c["arm"],
+                    c["round"],
                     c["clients"],
                     c["rows_per_s"],
                     c["p50_ms"],
@@ -405,7 +465,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
         )
     )
-    lines += ["", f"## Micro-batching vs batch size 1 at {most} clients (same run)", ""]
+    lines += [
+        "",
+        f"## Micro-batching vs batch size 1 at {most} clients (median [range] of {args.repeats} rounds)",
+        "",
+    ]
     lines.append(
         markdown_table(
             [
@@ -420,6 +484,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
         )
     )
+    lines += ["", "## Part 3: a one-row request sent 0.3 s after the largest allowed request", ""]
+    lines.append(
+        markdown_table(
+            ["format", "round", "large request", "large request s", "one-row request s", "statuses"],
+            [
+                [
+                    f["format"],
+                    f["round"],
+                    f"{f['large_rows']} rows x {f['large_chars_per_row']:,} chars",
+                    f["large_s"],
+                    f["one_row_s"],
+                    f["statuses"],
+                ]
+                for f in fair
+            ],
+        )
+    )
     data = {
         "student": what,
         "settings": vars(args),
@@ -429,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_shapes": shapes,
         "load": cells,
         "ratios": ratios,
+        "fairness": fair,
     }
     write_results(NAME, data, "\n".join(lines), args.out_dir)
     return data

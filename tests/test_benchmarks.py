@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -257,27 +258,41 @@ def test_remote_backend_benchmark_measures_every_mode_on_the_same_rows(tmp_path:
     assert (tmp_path / "remote_backend.md").read_text().startswith("# remote_backend")
 
 
-def test_serving_benchmark_runs_every_arm_and_stops_its_servers(tiny_export: Path, tmp_path: Path) -> None:
+def test_serving_benchmark_runs_every_arm_and_stops_its_servers(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from benchmarks import serving
 
+    started = []
+    server_init = serving.Server.__init__
+
+    def recorded(self: Any, model: Path, threads: int, batching: list[str]) -> None:
+        started.append(batching)
+        server_init(self, model, threads, batching)
+
+    monkeypatch.setattr(serving.Server, "__init__", recorded)
     data = serving.main(
         ["--student", str(tiny_export), "--formats", "ONNX int8", "--clients", "1", "2", "--duration", "1",
-         "--shape-rows", "4", "--verify-rows", "2", "--out-dir", str(tmp_path)]
+         "--repeats", "2", "--shape-rows", "4", "--verify-rows", "2", "--out-dir", str(tmp_path)]
     )  # fmt: skip
     cells = data["load"]
-    assert [(c["arm"].split(",")[0], c["clients"]) for c in cells] == [
-        ("micro-batch 32", 1),
-        ("micro-batch 32", 2),
-        ("micro-batch 32", 2),
-        ("batch size 1", 2),
-    ]
+    one_round = [("micro-batch 32", 1), ("micro-batch 32", 2), ("micro-batch 32", 2), ("batch size 1", 2)]
+    assert [(c["arm"].split(",")[0], c["clients"]) for c in cells] == one_round * 2  # the arms take turns
+    assert [c["round"] for c in cells] == [0] * 4 + [1] * 4
     assert all(c["errors"] == 0 and c["rows"] > 0 for c in cells)
+    one_forward = [
+        b for b in started if "--forward_batch_size" in b and b[b.index("--forward_batch_size") + 1] == "0"
+    ]
+    assert len(started) == 3 and len(one_forward) == 1  # the "one forward" arm really is one forward pass
     assert {r["rule"] for r in data["model_shapes"]["ONNX int8"]} >= {
         "batch 1",
         "32 rows, one forward (pad to longest)",
     }
-    assert data["ratios"][0]["format"] == "ONNX int8"
-    assert "Micro-batching vs batch size 1 at 2 clients" in (tmp_path / "serving.md").read_text()
+    assert data["ratios"][0]["format"] == "ONNX int8" and len(data["ratios"][0]["rounds"]) == 2
+    assert [f["statuses"] for f in data["fairness"]] == [[200, 200]] * 2
+    assert all(f["one_row_s"] < f["large_s"] for f in data["fairness"])
+    report = (tmp_path / "serving.md").read_text()
+    assert "Micro-batching vs batch size 1 at 2 clients" in report and "Part 3" in report
     assert not live_children(), "the benchmark left a server running"
 
 

@@ -6,15 +6,17 @@ PyPI); these checks only read files, so a dependency added without re-running it
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +32,7 @@ def pins(path: Path) -> dict[str, str]:
 
 def gpu_requirements() -> list[Requirement]:
     """What the `gpu` extra installs: the core dependencies plus those of the extras it names."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+; only these checks skip on 3.10
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     (itself,) = [Requirement(r) for r in extras["gpu"]]
@@ -63,3 +66,64 @@ def test_install_script_refuses_an_unknown_mode() -> None:
         ["bash", str(ROOT / "scripts" / "install.sh"), "--cuda"], capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 2 and "usage: bash scripts/install.sh [--gpu]" in done.stderr
+
+
+def fake_wheel(folder: Path, version: str) -> None:
+    """An empty ``torch`` wheel of ``version`` and its index page: enough for pip to resolve it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"torch-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"torch-{version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        wheel.writestr(f"{info}/RECORD", "")
+    name = f"torch-{version}-py3-none-any.whl"  # a simple-API page, as an index serves it
+    (folder / "index.html").write_text(f'<html><body><a href="{name}">{name}</a></body></html>')
+
+
+def install_torch_cpu(tmp_path: Path, cpu_index: str) -> tuple[str, str]:
+    """install.sh's install_torch_cpu with pip resolving only (``--dry-run``) against stand-in
+    indexes: ``cpu_index`` for PyTorch's, a folder with the plain (CUDA on Linux) build for PyPI.
+    Returns the version pip picked and what the function said."""
+    pypi = tmp_path / "pypi"
+    fake_wheel(pypi / "torch", "2.13.0")
+    report = tmp_path / "report.json"
+    pip = f"{sys.executable} -m pip install --dry-run --ignore-installed --no-deps --report {report} -q"
+    script = (
+        f"PIP=({pip}); "
+        + "source <(sed -n '/^TORCH_CPU_VERSION=/,/^}/p' scripts/install.sh); install_torch_cpu"
+    )
+    env = {
+        **os.environ,
+        "TORCH_CPU_INDEX": cpu_index,
+        "PIP_INDEX_URL": pypi.as_uri(),
+        "PIP_CONFIG_FILE": os.devnull,
+    }
+    env.pop("PIP_FIND_LINKS", None)
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    (picked,) = json.loads(report.read_text())["install"]
+    return picked["metadata"]["version"], done.stderr
+
+
+def test_the_cpu_install_takes_torch_from_pytorch_s_cpu_index(tmp_path: Path) -> None:
+    cpu = tmp_path / "cpu"
+    fake_wheel(cpu / "torch", "2.13.0+cpu")
+    version, said = install_torch_cpu(tmp_path, cpu.as_uri())
+    assert version == "2.13.0+cpu" and "could not be reached" not in said
+
+
+def test_without_the_cpu_index_it_says_what_pypi_s_torch_downloads(tmp_path: Path) -> None:
+    version, said = install_torch_cpu(tmp_path, (tmp_path / "unreachable").as_uri())
+    assert version == "2.13.0"
+    assert "could not be reached" in said and "CUDA build (several GB" in said
+
+
+def test_one_place_in_install_sh_fetches_torch() -> None:
+    script = (ROOT / "scripts" / "install.sh").read_text()
+    body = re.search(r"^install_torch_cpu\(\) \{\n.*?^\}\n", script, flags=re.M | re.S)
+    assert body and "torch==" in body.group(0)
+    assert "torch==" not in script.replace(body.group(0), "")  # nowhere else

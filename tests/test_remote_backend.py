@@ -24,7 +24,7 @@ from harmaug_pl.augment.generator import Instruction
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends import ChatBackend, OpenAICompatibleBackend, SamplingConfig, TransformersBackend
-from harmaug_pl.backends.remote.http_client import RemoteError
+from harmaug_pl.backends.remote.http_client import RemoteError, RetryingHttpClient
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
@@ -670,6 +670,8 @@ def test_preflight_rows_for_a_teacher_endpoint(
     def rows(config: dict) -> dict[str, tuple[str, str]]:
         found = Preflight(config, command="augment")
         found._stages()
+        whats = [row.what for row in found.rows]
+        assert len(whats) == len(set(whats)), whats  # one row per check: never two that disagree
         return {row.what: (row.status, row.detail) for row in found.rows}
 
     good = rows(_teacher_config(guard_url, tiny_guard))
@@ -693,3 +695,36 @@ def test_preflight_rows_for_a_teacher_endpoint(
     monkeypatch.delenv("UNSET_PREFLIGHT_KEY", raising=False)
     nokey = rows(_teacher_config(guard_url, tiny_guard, api_key_env="UNSET_PREFLIGHT_KEY"))
     assert nokey == {"API key": ("blocker", "UNSET_PREFLIGHT_KEY (api_key_env) is not set")}
+
+
+@pytest.mark.parametrize(
+    ("url", "in_clear"),
+    [
+        ("http://10.0.0.5:8000/v1", True),
+        ("http://gpu-box:8000", True),
+        ("http://127.0.0.1:8000", False),
+        ("http://localhost:8000", False),
+        ("http://[::1]:8000", False),
+        ("https://gpu-box:8000", False),
+    ],
+)
+def test_an_api_key_over_plain_http_to_another_host_is_warned(
+    url: str, in_clear: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("HARMAUG_TEST_KEY", "s3cret-key")
+    client = RetryingHttpClient(url, "teacher", "m", "HARMAUG_TEST_KEY", 5.0, 0, 0.1, 1)
+    with caplog.at_level(logging.WARNING):
+        assert client.client is not None
+    assert ("goes over plain http://" in caplog.text) is in_clear
+    assert "s3cret-key" not in caplog.text
+
+
+def test_preflight_names_a_bad_teacher_setting_instead_of_crashing(guard_url: str, tiny_guard: Path) -> None:
+    from harmaug_pl.preflight.runner import Preflight
+
+    config = _teacher_config(guard_url, tiny_guard)
+    config["data"]["init_args"]["teacher"]["init_args"]["batch_sise"] = 8  # a typo of batch_size
+    found = Preflight(config, command="augment")
+    found._stages()
+    (row,) = [row for row in found.rows if row.what == "settings"]
+    assert row.status == "blocker" and "batch_sise" in row.detail and row.subject == "data.init_args.teacher"

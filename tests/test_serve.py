@@ -140,7 +140,7 @@ def test_concurrent_requests_share_one_model_call(guard: Guard) -> None:
 
 def test_a_request_longer_than_the_batch_is_split_and_answered_in_order(guard: Guard) -> None:
     async def body() -> None:
-        async with served(guard, max_batch_size=3, max_wait_ms=0) as client:
+        async with served(guard, max_batch_size=3, turn_rows=3, max_wait_ms=0) as client:
             reply = (await client.post("/v1/moderations", json={"input": PROMPTS})).json()
             text = (await client.get("/metrics")).text
         got = [r["category_scores"]["unsafe"] for r in reply["results"]]
@@ -155,7 +155,7 @@ def test_every_exported_format_serves(tiny_export: Path, name: str) -> None:
     onnx_guard = Guard.from_pretrained(tiny_export / name)
 
     async def body() -> None:
-        async with served(onnx_guard) as client:
+        async with served(onnx_guard, turn_rows=32) as client:  # the 8 rows in one model call
             reply = (
                 await client.post("/v1/classify", json={"rows": [{"prompt": p} for p in PROMPTS]})
             ).json()
@@ -170,7 +170,8 @@ def test_every_exported_format_serves(tiny_export: Path, name: str) -> None:
 def test_health_readiness_and_prometheus_metrics(guard: Guard) -> None:
     async def body() -> None:
         async with served(guard) as client:
-            assert (await client.get("/health")).json() == {"status": "ok"}
+            health = await client.get("/health")
+            assert health.json() == {"status": "ok"} and health.headers["x-request-id"].startswith("req_")
             ready = await client.get("/ready")
             assert ready.status_code == 200 and ready.json()["model"] == "tiny-guard"
             await client.post("/v1/moderations", json={"input": "x" * 2000})  # truncated
@@ -221,6 +222,8 @@ BAD_REQUESTS = [
     ),
     ("/v1/classify", {"rows": "hi"}, 422, "rows", "valid list"),
     ("/v1/classify", {"rows": [{"prompt": "a"}], "threshold": 2}, 422, "threshold", "less than or equal"),
+    ("/v1/classify", {"rows": [{"prompt": "a"}], "threshold": "0.5"}, 422, "threshold", "valid number"),
+    ("/v1/classify", {"rows": [{"prompt": "a"}], "threshold": True}, 422, "threshold", "valid number"),
     ("/v1/classify", {"rows": []}, 422, "rows", "at least one"),
     ("/v1/moderations", {}, 422, "input", "required"),
     ("/v1/moderations", {"input": []}, 422, "input", "at least one"),
@@ -248,6 +251,7 @@ def test_bad_requests_are_named_and_the_server_goes_on(
             else:
                 reply = await client.post(path, json=payload)
             assert reply.status_code == status, reply.text
+            assert reply.headers["x-request-id"].startswith("req_")
             error = reply.json()["error"]
             assert words in error["message"]
             assert error["param"] == param
@@ -268,12 +272,17 @@ def test_a_body_over_the_limit_is_413_declared_or_streamed(guard: Guard) -> None
             declared = await client.post(
                 "/v1/moderations", content=big, headers={"content-type": "application/json"}
             )
-            assert declared.status_code == 413 and declared.text == "Content Too Large"  # Starlette's own
             streamed = await client.post(  # no Content-Length: counted while it arrives
                 "/v1/moderations", content=chunks(), headers={"content-type": "application/json"}
             )
-            assert streamed.status_code == 413
-            assert "5000-byte limit" in streamed.json()["error"]["message"]
+            for reply in (declared, streamed):
+                assert reply.status_code == 413 and reply.headers["connection"] == "close"
+                assert reply.json()["error"] == {
+                    "message": "request body above the 5000-byte limit",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "body_too_large",
+                }
             await answers_correctly(client, guard)
 
     run(body())
@@ -290,7 +299,11 @@ def test_a_full_queue_answers_503_with_retry_after(guard: Guard) -> None:
             assert refused.status_code == 503
             assert int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["code"] == "queue_full"
+            assert refused.json()["error"]["type"] == "service_unavailable"  # not a server failure
+            busy = await client.get("/ready")  # a load balancer sends new requests elsewhere
+            assert busy.status_code == 503 and busy.json() == {"status": "busy"}
             first = await waiting  # the queued request is still answered
+            assert (await client.get("/ready")).status_code == 200
             assert [r["category_scores"]["unsafe"] for r in first.json()["results"]] == pytest.approx(
                 guard.score(PROMPTS[:2]), abs=1e-6
             )
@@ -300,20 +313,30 @@ def test_a_full_queue_answers_503_with_retry_after(guard: Guard) -> None:
 
 
 def test_a_model_failure_is_a_500_for_that_request_only(
-    guard: Guard, monkeypatch: pytest.MonkeyPatch
+    guard: Guard, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom")
 
-    async def body() -> None:
+    async def body() -> httpx2.Response:
         async with served(guard) as client:
             with monkeypatch.context() as patched:
                 patched.setattr(guard, "score_rows", broken)
                 reply = await client.post("/v1/moderations", json={"input": "hi"})
-            assert reply.status_code == 500 and "RuntimeError: boom" in reply.json()["error"]["message"]
             await answers_correctly(client, guard)
+        return reply
 
-    run(body())
+    reply = run(body())
+    rid = reply.headers["x-request-id"]
+    assert reply.status_code == 500 and reply.headers["connection"] == "close"
+    # the client learns the request id, not the server's internals; the server log has the cause
+    assert reply.json()["error"] == {
+        "message": f"the guard failed on this request (request id {rid})",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
+    assert f"request {rid} failed" in caplog.text and "RuntimeError: boom" in caplog.text
 
 
 @pytest.mark.parametrize("broken", ["missing", "corrupt_weights", "corrupt_onnx", "settings"])
@@ -346,3 +369,141 @@ def test_settings_that_cannot_work_are_refused(tiny_export: Path, capsys: pytest
     with pytest.raises(SystemExit):
         console_main(["--model", str(tiny_export), "--max_rows", "300", "--max_queue_rows", "256"])
     assert "could never be queued" in capsys.readouterr().err
+
+
+def json_bytes(payload: Any) -> bytes:
+    """A JSON body as a client may send it: ``\\ud800`` escapes are valid JSON, not valid Unicode."""
+    return json.dumps(payload).encode()
+
+
+def test_text_that_is_not_unicode_is_refused_by_field_and_never_fails_its_batch(guard: Guard) -> None:
+    bad = [
+        (
+            "/v1/classify",
+            {"rows": [{"prompt": "fine"}, {"prompt": "a", "response": "x\ud800"}]},
+            "rows[1].response",
+        ),
+        ("/v1/moderations", {"input": "\udfff"}, "input"),
+        ("/v1/moderations", {"input": ["fine", "ab\ud800cd"]}, "input[1]"),
+    ]
+
+    async def body() -> list[httpx2.Response]:
+        # every request waits for one shared model call: the bad ones would be in it
+        async with served(guard, max_batch_size=64, max_wait_ms=500) as client:
+            headers = {"content-type": "application/json"}
+            sent = [client.post("/v1/moderations", json={"input": p}) for p in PROMPTS]
+            sent += [
+                client.post(path, content=json_bytes(payload), headers=headers) for path, payload, _ in bad
+            ]
+            replies = await asyncio.gather(*sent)
+            await answers_correctly(client, guard)
+        return replies
+
+    replies = run(body())
+    good, refused = replies[: len(PROMPTS)], replies[len(PROMPTS) :]
+    assert [r.status_code for r in good] == [200] * len(PROMPTS)
+    got = [r.json()["results"][0]["category_scores"]["unsafe"] for r in good]
+    assert got == pytest.approx(guard.score(PROMPTS), abs=1e-6)
+    for reply, (_, _, field) in zip(refused, bad):
+        assert reply.status_code == 422, reply.text
+        error = reply.json()["error"]
+        assert error["param"] == field and error["code"] == "invalid_text"
+        assert error["message"].startswith(f"{field}: invalid Unicode: a lone surrogate U+D")
+
+
+def test_a_one_row_request_is_answered_while_a_large_one_is_scored(guard: Guard) -> None:
+    long_row = {"prompt": " ".join(PROMPTS * 20), "response": RESPONSE * 50}
+
+    async def body() -> tuple[float, float]:
+        async with served(guard, max_wait_ms=0, max_rows=64, max_queue_rows=256) as client:
+            done: dict[str, float] = {}
+
+            async def timed(name: str, payload: Any) -> None:
+                reply = await client.post("/v1/classify", json=payload)
+                assert reply.status_code == 200
+                done[name] = asyncio.get_running_loop().time()
+
+            large = asyncio.create_task(timed("large", {"rows": [long_row] * 64}))
+            while client.app.state.batcher.queued_rows == 0 and not large.done():
+                await asyncio.sleep(0.005)
+            await timed("small", {"rows": [{"prompt": "hi"}]})
+            await large
+            return done["small"], done["large"]
+
+    small, large = run(body())
+    assert small < large  # it took its turn between the large request's calls of 2 rows
+
+
+class RawClient:
+    """One ASGI request whose body arrives as ``chunks``, then waits (``hang``) or disconnects when
+    ``leave`` is set: what httpx cannot send (a stalled body, a client that goes away)."""
+
+    def __init__(self, app: Any, path: str, chunks: list[bytes], hang: bool = False) -> None:
+        self.app, self.path, self.chunks, self.hang = app, path, list(chunks), hang
+        self.leave = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        if self.chunks:
+            chunk = self.chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(self.chunks) or self.hang}
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    async def call(self) -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await self.app(scope, self.receive, self.send)
+
+    @property
+    def status(self) -> int:
+        return next(m["status"] for m in self.sent if m["type"] == "http.response.start")
+
+    def json(self) -> Any:
+        return json.loads(
+            b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+        )
+
+
+def test_rows_of_a_client_that_disconnected_leave_the_queue(guard: Guard) -> None:
+    async def body() -> None:
+        async with served(guard, max_batch_size=64, max_wait_ms=60_000) as client:
+            app = client.app
+            raw = RawClient(app, "/v1/moderations", [json.dumps({"input": PROMPTS}).encode()])
+            call = asyncio.create_task(raw.call())
+            while app.state.batcher.queued_rows < len(PROMPTS):
+                await asyncio.sleep(0.01)
+            raw.leave.set()  # the client goes away while its rows wait for a batch
+            await asyncio.wait_for(call, 10)
+            assert app.state.batcher.queued_rows == 0
+            text = (await client.get("/metrics")).text
+        assert metric(text, "harmaug_batch_rows_count") == 0  # never scored
+
+    run(body())
+
+
+def test_a_body_that_stops_short_is_408_after_the_read_timeout(guard: Guard) -> None:
+    async def body() -> None:
+        async with served(guard, read_timeout_s=0.3) as client:
+            raw = RawClient(client.app, "/v1/moderations", [b'{"input": "h'], hang=True)
+            await asyncio.wait_for(raw.call(), 10)
+            assert raw.status == 408
+            assert raw.json()["error"]["code"] == "body_timeout"
+            await answers_correctly(client, guard)
+
+    run(body())

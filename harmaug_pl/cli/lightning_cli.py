@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -24,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from harmaug_pl import progress_lines as progress
 from harmaug_pl.cli.packs import resolve_pack_args, shipped_names
 from harmaug_pl.errors import ConfigError, ModelLoadError, first_line, one_line_errors
+from harmaug_pl.model_loading import torch_load
 from harmaug_pl.training import line_progress_bar as progress_bar
 from harmaug_pl.training.callbacks.eval_plots import EvalPlots
 from harmaug_pl.training.callbacks.eval_reporter import EvalReporter
@@ -131,7 +131,7 @@ def check_checkpoint(ckpt_path: str) -> None:
             "corrupt: a run killed while writing it leaves such a file); resume from an earlier checkpoint"
         )
     # mmap: tensors stay on disk, so a multi-GB checkpoint costs nothing to look into
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = torch_load(path, map_location="cpu", mmap=True)
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ModelLoadError(
             f"--ckpt_path {ckpt_path}: a torch file but not a Lightning checkpoint (written by "

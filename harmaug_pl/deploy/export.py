@@ -29,7 +29,12 @@ from harmaug_pl.deploy.guard import (
     require_onnxruntime,
 )
 from harmaug_pl.errors import ConfigError, ModelLoadError, one_line_errors
-from harmaug_pl.model_loading import build_sequence_classifier, load_sequence_classifier, load_tokenizer
+from harmaug_pl.model_loading import (
+    build_sequence_classifier,
+    load_sequence_classifier,
+    load_tokenizer,
+    torch_load,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +146,7 @@ def from_checkpoint(ckpt_path: str, folder: Path, max_length: int | None) -> Gua
             "module's max_length): pass the pack's data.init_args.max_length"
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(path, map_location="cpu")
     except Exception as err:  # torch raises UnpicklingError / RuntimeError with long messages
         raise ModelLoadError(f"cannot load checkpoint {ckpt_path!r} with weights_only=True: {err}") from err
     hparams = checkpoint.get("hyper_parameters") or {}

@@ -3,18 +3,25 @@
 Endpoints: ``POST /v1/moderations`` in the shape of OpenAI's moderation API (so an application
 switches by changing its base URL), ``POST /v1/classify`` for (prompt, response) rows,
 ``GET /health`` (alive), ``GET /ready`` (model loaded, not draining) and ``GET /metrics``
-(Prometheus text format). Rows of concurrent requests share model calls
-(:class:`~harmaug_pl.deploy.microbatch.MicroBatcher`). Every limit answers with an OpenAI-style error
-body naming the problem: 400 malformed JSON, 413 body too large, 422 a wrong or missing field,
-503 + ``Retry-After`` when the queue is full. The model is loaded and tried on one row before the
-port opens: a model that cannot load stops the command with one line. SIGTERM (or Ctrl+C) turns
-``/ready`` to 503, stops accepting connections and answers every request already received.
+(Prometheus text format). Rows of concurrent requests share model calls, taking turns
+(:class:`~harmaug_pl.deploy.microbatch.MicroBatcher`), and a text costs at most about what
+``max_length`` tokens do (:mod:`harmaug_pl.data.encoding`). Every refusal answers with an OpenAI-style
+error body naming the problem and an ``X-Request-Id`` header: 400 malformed JSON, 408 a body too
+slow, 413 body too large (:mod:`harmaug_pl.deploy.http_limits`, whatever the FastAPI version),
+422 a wrong or missing field or text that is not valid Unicode, 503 + ``Retry-After`` when the
+queue is full; a 500 says only the request id (the cause goes to the server log) and closes the
+connection. A request whose client disconnects leaves the queue. The model is loaded and tried on
+one row before the port opens: a model that cannot load stops the command with one line. SIGTERM
+(or Ctrl+C) turns ``/ready`` to 503, stops accepting connections and answers every request already
+received.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harmaug_pl.data.encoding import text_problem
+from harmaug_pl.deploy.http_limits import HTTP_PARSERS, BodyLimit, error_body, protocol_with_header_timeout
 from harmaug_pl.deploy.microbatch import MicroBatcher, QueueFull
 
 if TYPE_CHECKING:  # the guard (torch, transformers) loads only when the command serves, not for --help
@@ -42,7 +51,7 @@ try:
         Histogram,
         generate_latest,
     )
-    from pydantic import BaseModel, ConfigDict, Field, StrictStr
+    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictStr
     from starlette.exceptions import HTTPException
 except ImportError as missing:  # the optional `serve` extra
     raise ModelLoadError(
@@ -51,6 +60,7 @@ except ImportError as missing:  # the optional `serve` extra
     ) from missing
 
 
+log = logging.getLogger("harmaug.serve")
 UNSAFE = "unsafe"  # a binary guard's one category (its own label, not one of OpenAI's)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -63,17 +73,28 @@ class ServeSettings:
     # call, run in length-sorted forward passes of 4 (padding to a call's longest row cost 1.7x)
     max_batch_size: int = 32
     forward_batch_size: int | None = 4
+    # rows one request puts into a model call before the other waiting requests get their turn: a
+    # one-row request sent while 41 rows of 100k characters are scored waited 0.16-0.54 s with 2
+    # (0.71-0.92 s with 4) on a loaded 2-core machine (docs/serving.md), not the large request's 3-5 s
+    turn_rows: int = 2
     max_wait_ms: float = 5.0
     max_queue_rows: int = 256
     max_rows: int = 64
     max_chars: int = 100_000
     max_body_bytes: int = 4 * 2**20
     threshold: float | None = None
+    read_timeout_s: float = 10.0  # headers, then the body, must each arrive within this
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # uvicorn answers 503 beyond this many connections + requests
 
     def check(self) -> None:
-        for name in ("max_batch_size", "max_queue_rows", "max_rows", "max_chars", "max_body_bytes"):
+        names = ("max_batch_size", "turn_rows", "max_queue_rows", "max_rows", "max_chars", "max_body_bytes")
+        for name in (*names, "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("read_timeout_s", "keep_alive_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.forward_batch_size is not None and self.forward_batch_size < 1:
             raise ConfigError(f"--forward_batch_size must be >= 1, got {self.forward_batch_size}")
         if self.max_wait_ms < 0:
@@ -113,7 +134,7 @@ class ClassifyRow(_Body):
 
 class ClassifyRequest(_Body):
     rows: list[ClassifyRow]
-    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    threshold: StrictFloat | None = Field(default=None, ge=0.0, le=1.0)  # not "0.5", not true
 
 
 class RequestError(Exception):
@@ -139,10 +160,23 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """OpenAI's error shape (what its clients parse): ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """OpenAI's error shape (:func:`~harmaug_pl.deploy.http_limits.error_body`); after a 500 the
+    connection is closed (``Connection: close``), so a client never reuses one in an unknown state."""
+    headers = dict(headers or {})
+    if status >= 500 and status != 503:
+        headers["Connection"] = "close"
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def request_id(request: Request) -> str:
+    """The id :class:`MetricsMiddleware` gave the request (its ``X-Request-Id`` header)."""
+    return request.scope.get(REQUEST_ID, "unknown")
+
+
+async def disconnected(request: Request) -> None:
+    """Return when the client disconnects (after the body, a read waits for exactly that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -186,10 +220,12 @@ class ServeMetrics:
 
 
 KNOWN_PATHS = frozenset({"/v1/moderations", "/v1/classify", "/health", "/ready", "/metrics"})
+REQUEST_ID = "harmaug.request_id"  # the scope key of a request's id
 
 
 class MetricsMiddleware:
-    """ASGI middleware counting every request by path and status, with its latency."""
+    """ASGI middleware counting every request by path and status, with its latency; it gives each
+    request an id (``X-Request-Id`` on every answer, the server log names it)."""
 
     def __init__(self, app: Any, metrics: ServeMetrics) -> None:
         self.app = app
@@ -199,10 +235,15 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started, status = time.perf_counter(), [500]
+        scope[REQUEST_ID] = rid = f"req_{uuid.uuid4().hex}"
 
         async def send_status(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                }
             await send(message)
 
         try:
@@ -237,6 +278,7 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_rows=settings.max_queue_rows,
             on_batch=metrics.on_batch,
+            turn_rows=settings.turn_rows,
         )
         batcher.start()
         app.state.batcher = batcher
@@ -244,16 +286,11 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
         yield
         await batcher.stop()
 
-    app = FastAPI(
-        title="harmaug guard",
-        lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
-        docs_url=None,
-        redoc_url=None,
-    )
+    app = FastAPI(title="harmaug guard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.draining = False
     app.state.metrics = metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.read_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it counts the 408s and 413s too
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -267,26 +304,45 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        if error.status_code == 413:
-            return error_response(413, f"request body above the {settings.max_body_bytes}-byte limit")
         return error_response(error.status_code, str(error.detail))
 
+    def failure(request: Request, error: BaseException) -> JSONResponse:
+        rid = request_id(request)
+        log.error("request %s failed", rid, exc_info=error)
+        return error_response(
+            500, f"the guard failed on this request (request id {rid})", code="internal_error"
+        )
+
     @app.exception_handler(Exception)
-    async def failed(request: Request, error: Exception) -> JSONResponse:  # uvicorn logs the traceback
-        return error_response(500, f"the guard failed on this request: {type(error).__name__}: {error}")
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        return failure(request, error)
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         return error_response(error.status, error.message, error.param, error.code, error.headers)
 
-    async def run(rows: list[tuple[str, str | None]], endpoint: str) -> list[tuple[float, bool]]:
+    async def run(
+        request: Request, rows: list[tuple[str, str | None]], endpoint: str
+    ) -> list[tuple[float, bool]] | JSONResponse:
+        """The rows' scores; if the client disconnects first, its rows leave the queue."""
         if app.state.draining:
             raise RequestError(503, "the server is shutting down", code="shutting_down")
+        scoring = asyncio.ensure_future(app.state.batcher.submit(rows))
+        gone = asyncio.ensure_future(disconnected(request))
+        await asyncio.wait({scoring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not scoring.done():
+            scoring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scoring
+            return error_response(499, "the client disconnected", code="client_disconnected")  # never read
         try:
-            results = await app.state.batcher.submit(rows)
+            results = scoring.result()
         except QueueFull as full:
             retry = {"Retry-After": str(full.retry_after)}
             raise RequestError(503, f"server busy: {full}", code="queue_full", headers=retry) from full
+        except Exception as error:  # the model failed on this request's rows (only its own: microbatch.py)
+            return failure(request, error)
         metrics.rows.labels(endpoint).inc(len(rows))
         metrics.truncated.inc(sum(cut for _, cut in results))
         return results
@@ -300,6 +356,9 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
             )
 
     def check_text(text: str, field: str) -> None:
+        problem = text_problem(text)
+        if problem:
+            raise RequestError(422, f"{field}: {problem}", param=field, code="invalid_text")
         if len(text) > settings.max_chars:
             raise RequestError(
                 422,
@@ -308,8 +367,8 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
                 param=field,
             )
 
-    @app.post("/v1/moderations")
-    async def moderations(body: ModerationRequest) -> dict[str, Any]:
+    @app.post("/v1/moderations", response_model=None)
+    async def moderations(body: ModerationRequest, request: Request) -> dict[str, Any] | JSONResponse:
         texts = [body.input] if isinstance(body.input, str) else body.input
         check_rows(len(texts), "input")
         prompts = []
@@ -326,22 +385,26 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
                 item = item.text
             check_text(item, field)
             prompts.append(item)
-        results = await run([(p, None) for p in prompts], "/v1/moderations")
+        results = await run(request, [(p, None) for p in prompts], "/v1/moderations")
+        if isinstance(results, JSONResponse):
+            return results
         return {
             "id": f"modr-{uuid.uuid4().hex}",
             "model": name,
             "results": [moderation_result(p, cut, threshold) for p, cut in results],
         }
 
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyRequest) -> dict[str, Any]:
+    @app.post("/v1/classify", response_model=None)
+    async def classify(body: ClassifyRequest, request: Request) -> dict[str, Any] | JSONResponse:
         check_rows(len(body.rows), "rows")
         for i, row in enumerate(body.rows):
             check_text(row.prompt, f"rows[{i}].prompt")
             if row.response is not None:
                 check_text(row.response, f"rows[{i}].response")
         used = threshold if body.threshold is None else body.threshold
-        results = await run([(r.prompt, r.response or None) for r in body.rows], "/v1/classify")
+        results = await run(request, [(r.prompt, r.response or None) for r in body.rows], "/v1/classify")
+        if isinstance(results, JSONResponse):
+            return results
         return {
             "id": f"clf-{uuid.uuid4().hex}",
             "model": name,
@@ -357,8 +420,8 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
     @app.get("/ready")
     async def ready() -> Response:
         batcher = getattr(app.state, "batcher", None)
-        if app.state.draining or batcher is None or not batcher.running:
-            state = "draining" if app.state.draining else "starting"
+        if app.state.draining or batcher is None or not batcher.running or batcher.full:
+            state = "draining" if app.state.draining else "busy" if batcher and batcher.full else "starting"
             return JSONResponse({"status": state}, status_code=503)
         return JSONResponse({"status": "ready", "model": name, "threshold": threshold})
 
@@ -443,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows per forward pass within a model call, grouped by length (0: all in one pass)",
     )
     parser.add_argument(
+        "--turn_rows",
+        type=int,
+        default=defaults.turn_rows,
+        help="rows one request puts into a model call before other waiting requests get their turn",
+    )
+    parser.add_argument(
         "--max_wait_ms",
         type=float,
         default=defaults.max_wait_ms,
@@ -464,6 +533,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_body_bytes", type=int, default=defaults.max_body_bytes, help="413 above")
     parser.add_argument(
+        "--read_timeout_s",
+        type=float,
+        default=defaults.read_timeout_s,
+        help="a request's headers, then its body, must each arrive within this (else closed / 408)",
+    )
+    parser.add_argument(
+        "--keep_alive_s",
+        type=float,
+        default=defaults.keep_alive_s,
+        help="idle kept-alive connections close after this",
+    )
+    parser.add_argument(
+        "--max_connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections + requests at most; beyond, uvicorn answers 503",
+    )
+    parser.add_argument(
+        "--http",
+        default="auto",
+        choices=HTTP_PARSERS,
+        help="uvicorn's HTTP parser (auto: httptools if installed)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch / onnxruntime intra-op threads (default: theirs)"
     )
     parser.add_argument(
@@ -481,12 +574,16 @@ def main(argv: list[str]) -> None:
     settings = ServeSettings(
         max_batch_size=args.max_batch_size,
         forward_batch_size=args.forward_batch_size or None,
+        turn_rows=args.turn_rows,
         max_wait_ms=args.max_wait_ms,
         max_queue_rows=args.max_queue_rows,
         max_rows=args.max_rows,
         max_chars=args.max_chars,
         max_body_bytes=args.max_body_bytes,
         threshold=args.threshold,
+        read_timeout_s=args.read_timeout_s,
+        keep_alive_s=args.keep_alive_s,
+        max_connections=args.max_connections,
     )
     settings.check()
     if not 0 < args.port < 65536:
@@ -500,6 +597,9 @@ def main(argv: list[str]) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=args.drain_timeout_s,
         access_log=args.log_level == "debug",
+        http=protocol_with_header_timeout(args.http, settings.read_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
     )
     asyncio.run(_DrainingServer(config, app).serve())  # a port it cannot bind: uvicorn logs why, exits 1
 

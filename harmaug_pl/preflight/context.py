@@ -101,8 +101,12 @@ class CheckContext:
         return init_args(self.config.get("data"))
 
     def _build(self, node: Any, setting: str) -> Any:
+        return self._make(lambda: build_component(node), setting)
+
+    def _make(self, factory: Callable[[], Any], setting: str) -> Any:
+        """``factory()``, or a blocker row naming ``setting`` (None) when its settings are wrong."""
         try:
-            return build_component(node)
+            return factory()
         except (HarmAugError, TypeError, ValueError, ImportError, AttributeError) as err:
             self.add("settings", setting, "blocker", f"{type(err).__name__}: {err}", f"fix {setting}")
             return None

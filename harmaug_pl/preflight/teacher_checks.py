@@ -25,13 +25,18 @@ class TeacherChecks(StageChecks):
             if backend is None:
                 return
             if not isinstance(backend, (TransformersBackend, VLLMBackend)):
-                self._endpoint_teacher(class_of(node)(**args | {"backend": backend}), prefix)
+                teacher = self._make(lambda: class_of(node)(**args | {"backend": backend}), prefix)
+                if teacher is not None:
+                    self._endpoint_teacher(teacher, prefix)
                 return
             local = self._llm(
                 "teacher", backend, f"{prefix}.init_args.backend", int(args.get("batch_size", 8)), 1
             )
-            if local is not None:
-                self._verdict_tokens(class_of(node)(**{**args, "backend": local}), backend.model_id, prefix)
+            if local is None:
+                return
+            teacher = self._make(lambda: class_of(node)(**args | {"backend": local}), prefix)
+            if teacher is not None:
+                self._verdict_tokens(teacher, backend.model_id, prefix)
             return
         teacher = self._build(node, prefix)
         if isinstance(teacher, SequenceClassifierTeacher):
@@ -60,6 +65,8 @@ class TeacherChecks(StageChecks):
         rows = self._backend_rows(teacher.backend, "teacher")
         for row in rows:
             if row.what == "log-probabilities" and row.status != "ok":
+                if row in self.rows:  # the endpoint's "warn" becomes the teacher's blocker: one row
+                    self.rows.remove(row)
                 self.add(
                     "log-probabilities",
                     row.subject,

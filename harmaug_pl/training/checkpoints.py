@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-import torch
+
+from harmaug_pl.model_loading import torch_load
 
 
 def best_checkpoint(trainer: L.Trainer) -> str | None:
@@ -25,7 +26,7 @@ def checkpoint_weights(pl_module: L.LightningModule, path: str | None) -> Iterat
         yield
         return
     own = {key: value.detach().to("cpu", copy=True) for key, value in pl_module.state_dict().items()}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = torch_load(path, map_location="cpu", mmap=True)
     pl_module.load_state_dict(checkpoint["state_dict"])
     try:
         yield

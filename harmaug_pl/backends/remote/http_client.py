@@ -8,6 +8,7 @@ a one-line error naming the endpoint, the row and the setting to change.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from harmaug_pl.errors import ConfigError, HarmAugError
 
@@ -71,6 +73,21 @@ def _model_not_found(response: Any, model: str) -> bool:
     return error.get("param") == "model" or error.get("code") == "model_not_found" or model in message
 
 
+def key_in_clear(base_url: str) -> bool:
+    """Whether an API key sent to ``base_url`` crosses a network unencrypted (``http://`` to a host
+    that is not this machine's loopback)."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be anywhere
+        return True
+
+
 class RetryingHttpClient:
     """One connection pool to one server: bounded connections, retries with backoff, one-line errors."""
 
@@ -122,6 +139,14 @@ class RetryingHttpClient:
         import httpx2
 
         key = self.api_key()
+        if key and key_in_clear(self.base_url):
+            log.warning(
+                "%s: the API key in $%s goes over plain http:// to a host that is not this machine, so "
+                "anyone on the network path can read it; use https:// (a TLS proxy in front of the "
+                "server) or an SSH tunnel to a loopback port",
+                self.label,
+                self.api_key_env,
+            )
         return httpx2.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {key}"} if key else {},
