@@ -91,7 +91,9 @@ def check_taxonomy(categories: Sequence[dict[str, Any]] | str, where: str) -> li
     for i, entry in enumerate(categories):
         at = f"{where}[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{at}: a category is a mapping with name/description/openai/code, got {entry!r}")
+            raise ConfigError(
+                f"{at}: a category is a mapping with name/description/openai/code, got {entry!r}"
+            )
         unknown = sorted(set(entry) - allowed)
         if unknown:
             raise ConfigError(f"{at}: unknown keys {unknown} (allowed: {sorted(allowed)})")
@@ -110,7 +112,11 @@ def check_taxonomy(categories: Sequence[dict[str, Any]] | str, where: str) -> li
         if public == "unsafe" or public in seen_public:
             raise ConfigError(
                 f"{at}: answers as {public!r} in /v1/moderations, which "
-                + ("is the binary head's" if public == "unsafe" else f"{seen_public[public]!r} answers as already")
+                + (
+                    "is the binary head's"
+                    if public == "unsafe"
+                    else f"{seen_public[public]!r} answers as already"
+                )
             )
         code = entry.get("code")
         if code is not None and (not isinstance(code, str) or code in seen_codes):
@@ -237,7 +243,9 @@ class GuardCategories:
         folder = Path(folder)
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(state, str(folder / CATEGORY_WEIGHTS))
-        entries = [{**c, "threshold": float(t)} for c, t in zip(self.categories, self.thresholds, strict=True)]
+        entries = [
+            {**c, "threshold": float(t)} for c, t in zip(self.categories, self.thresholds, strict=True)
+        ]
         (folder / CATEGORY_CONFIG).write_text(json.dumps({"categories": entries}, indent=2) + "\n")
 
     @staticmethod
@@ -255,7 +263,9 @@ class GuardCategories:
             return None
         if not (config.is_file() and weights.is_file()):
             missing = weights if config.is_file() else config
-            raise ModelLoadError(f"{folder}: {missing.name} is missing (the two category files travel together)")
+            raise ModelLoadError(
+                f"{folder}: {missing.name} is missing (the two category files travel together)"
+            )
         try:
             entries = json.loads(config.read_text())["categories"]
             thresholds = [float(e.pop("threshold")) for e in entries]
@@ -265,7 +275,9 @@ class GuardCategories:
             raise ModelLoadError(f"{config}: invalid category files: {err}") from err
         weight = state.get("linear.weight")
         if weight is None or weight.shape[0] != len(categories):
-            raise ModelLoadError(f"{weights}: the head does not match the {len(categories)} categories of {config.name}")
+            raise ModelLoadError(
+                f"{weights}: the head does not match the {len(categories)} categories of {config.name}"
+            )
         head = CategoryHead(weight.shape[1], weight.shape[0])
         head.load_state_dict(state)
         return cls(head.eval(), categories, thresholds)
@@ -302,6 +314,8 @@ def read_category_labels(
                     continue
                 value = row[column]
                 if value not in (0, 1):
-                    raise DataError(f"{display} line {number}: field {column!r} must be 0 or 1, got {value!r}")
+                    raise DataError(
+                        f"{display} line {number}: field {column!r} must be 0 or 1, got {value!r}"
+                    )
                 known[name] = max(known.get(name, 0), int(value))
     return labels

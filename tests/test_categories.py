@@ -88,7 +88,10 @@ def test_shipped_labels_match_the_binary_set_and_the_seed_split() -> None:
     assert (SHIPPED / "LICENSE.openai-moderation").read_text().startswith("MIT License")
     preset = DataSource(preset="openai_moderation")
     seed_source = DataSource(  # cpu_tiny's seed part (duplicates dropped, the loader's default)
-        path=preset.path, label_field="toxicity", hash_range=(0.0, 0.3), category_labels=preset.category_labels
+        path=preset.path,
+        label_field="toxicity",
+        hash_range=(0.0, 0.3),
+        category_labels=preset.category_labels,
     )
     seed = load_examples(seed_source).examples
     held_out = load_examples(DataSource(preset="openai_moderation", hash_range=(0.3, 1.0))).examples
@@ -144,7 +147,9 @@ def fit_and_test(tmp: Path, student: Path, **module_args):
 
 def test_weight_zero_builds_no_head_and_trains_bit_identically(tmp_path: Path, tiny_student: Path) -> None:
     plain, plain_metrics = fit_and_test(tmp_path / "plain", tiny_student)
-    zero, zero_metrics = fit_and_test(tmp_path / "zero", tiny_student, categories=TAXONOMY, category_weight=0.0)
+    zero, zero_metrics = fit_and_test(
+        tmp_path / "zero", tiny_student, categories=TAXONOMY, category_weight=0.0
+    )
     assert zero.category_head is None
     assert plain.state_dict().keys() == zero.state_dict().keys()
     for key, value in plain.state_dict().items():

@@ -83,7 +83,9 @@ def test_folder_stays_a_plain_classifier_and_guard_adds_categories(
     for row, expected in zip(scores.categories, categories):
         assert list(row) == ["violence", "hate", "custom"]
         assert list(row.values()) == pytest.approx(expected, abs=1e-6)
-    assert guard.category_thresholds == pytest.approx({"violence": 0.3, "hate": 0.5, "custom": 0.7})  # hate: fallback
+    assert guard.category_thresholds == pytest.approx(
+        {"violence": 0.3, "hate": 0.5, "custom": 0.7}
+    )  # hate: fallback
     for answer in guard.classify(PROMPTS):
         above = [n for n, p in answer["category_scores"].items() if p > guard.category_thresholds[n]]
         assert answer["categories"] == (above if answer["label"] == "unsafe" else [])

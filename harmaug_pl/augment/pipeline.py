@@ -244,7 +244,10 @@ class AugmentationPipeline:
         read = {**teacher_id, **self.teacher.category_read()}  # type: ignore[attr-defined]
         keys = [
             content_key(
-                stage="label_categories", model=read, codes=self.category_codes, prompt=row.prompt,
+                stage="label_categories",
+                model=read,
+                codes=self.category_codes,
+                prompt=row.prompt,
                 response=row.response,
             )  # fmt: skip
             for row in rows

@@ -273,7 +273,9 @@ class HarmAugCLI(LightningCLI):
 
     def _log_into_run(self, run_id: str) -> None:
         """Point the pack's MLFlowLogger at ``run_id`` (checked to exist first)."""
-        loggers = (self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config).trainer.logger
+        loggers = (
+            self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        ).trainer.logger
         mlflow_entries = self._mlflow_entries()
         if not mlflow_entries:
             raise ConfigError(

@@ -15,8 +15,9 @@ class GuardExample:
     ``label`` is the human label (0 safe, 1 unsafe, ``None`` when unknown); ``teacher_score`` is the
     teacher's P(unsafe). ``category_labels``: the human category labels known for the row, by OpenAI
     moderation name (0/1; a category absent is unknown); ``teacher_categories``: the teacher's
-    P(code | unsafe) by its category code (Llama-Guard's "S1"...). A row with a response is judged on the response (response harmfulness),
-    a row without one on the prompt (prompt harmfulness), as in the paper.
+    P(code | unsafe) by its category code (Llama-Guard's "S1"...). A row with a response is judged
+    on the response (response harmfulness), a row without one on the prompt (prompt harmfulness), as
+    in the paper.
     """
 
     prompt: str

@@ -387,8 +387,9 @@ def moderation_result(
 
     ``flagged`` is the binary head at ``threshold``; a category is true on a flagged row whose
     P(category) is above that category's threshold (it names the kind of harm; false on unflagged
-    rows). Categories the guard does not model are absent (never false or 0). ``truncated`` is ours (OpenAI's clients keep unknown
-    fields): the text was longer than the guard's max length and was scored on its first tokens.
+    rows). Categories the guard does not model are absent (never false or 0). ``truncated`` is ours
+    (OpenAI's clients keep unknown fields): the text was longer than the guard's max length and was
+    scored on its first tokens.
     """
     flagged = p_unsafe > threshold
     flags, scores = {UNSAFE: flagged}, {UNSAFE: p_unsafe}

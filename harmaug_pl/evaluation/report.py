@@ -200,14 +200,27 @@ class EvalReport:
             text += (
                 "positives/known: rows labelled 1 / rows whose label for the category is known (the rest are "
                 "not scored for it). Threshold: calibrated on the val split's known labels, or the pack's "
-                "threshold (fallback) where the val split has no positives or no negatives for it; the teacher "
-                "(P(unsafe) x P(code | unsafe), Llama-Guard teachers) at the pack's threshold (pack).\n"
+                "threshold (fallback) where the val split has no positives or no negatives for it; the "
+                "teacher (P(unsafe) x P(code | unsafe), Llama-Guard teachers) at the pack's threshold "
+                "(pack).\n"
             )
         return text
 
     def category_table(self) -> tuple[list[str], list[list[str]]]:
         """One row per set and category: positives beside every figure."""
-        header = ["set", "scorer", "category", "OpenAI name", "positives", "known", "threshold", "AUPRC", "F1", "precision", "recall"]
+        header = [
+            "set",
+            "scorer",
+            "category",
+            "OpenAI name",
+            "positives",
+            "known",
+            "threshold",
+            "AUPRC",
+            "F1",
+            "precision",
+            "recall",
+        ]
         rows = [
             [
                 row.set_name,

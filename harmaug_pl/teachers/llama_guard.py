@@ -74,7 +74,8 @@ class LlamaGuardTeacher(VerdictWordTeacher):
         result: list[dict[str, float]] = []
         for start in range(0, len(prompts), self.batch_size):
             chats = self._chats(
-                list(prompts[start : start + self.batch_size]), list(responses[start : start + self.batch_size])
+                list(prompts[start : start + self.batch_size]),
+                list(responses[start : start + self.batch_size]),
             )
             logprobs = self.backend.next_token_logprobs(chats, ids, add_generation_prompt=False, suffix=after)
             probs = torch.softmax(logprobs.float(), dim=-1)

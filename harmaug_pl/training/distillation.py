@@ -183,7 +183,9 @@ class DistillationModule(L.LightningModule):
         if not 0.0 <= target_fpr <= 1.0:
             raise ConfigError(f"model.target_fpr must be in [0, 1], got {target_fpr}")
         if not category_weight >= 0.0:
-            raise ConfigError(f"model.category_weight must be >= 0 (0: no category head), got {category_weight}")
+            raise ConfigError(
+                f"model.category_weight must be >= 0 (0: no category head), got {category_weight}"
+            )
         if category_weight > 0 and not categories:
             raise ConfigError("model.category_weight > 0 needs a taxonomy in model.categories")
         self.categories = check_taxonomy(categories, "model.categories") if categories else []
@@ -371,11 +373,17 @@ class DistillationModule(L.LightningModule):
         hp = self.hparams
         for k, category in enumerate(self.categories):
             known = labels[:, k] >= 0
-            found = calibrate_threshold(labels[known, k], probs[known, k], hp.threshold_calibration, hp.target_fpr)
+            found = calibrate_threshold(
+                labels[known, k], probs[known, k], hp.threshold_calibration, hp.target_fpr
+            )
             value = self.trainer.strategy.broadcast(float("nan") if found is None else found, src=0)
             self.category_thresholds[k] = value
             name = metric_name(category["name"])
-            self.log(f"val/category/{name}/positives", float((labels[known, k] == 1).sum()), add_dataloader_idx=False)
+            self.log(
+                f"val/category/{name}/positives",
+                float((labels[known, k] == 1).sum()),
+                add_dataloader_idx=False,
+            )
             if not math.isnan(value):
                 self.log(f"val/category/{name}/calibrated_threshold", value, add_dataloader_idx=False)
 
@@ -445,7 +453,9 @@ class DistillationModule(L.LightningModule):
         for k, (category, threshold) in enumerate(zip(self.categories, thresholds)):
             known = scored.category_target[:, k] >= 0
             if known.any() and not np.isnan(scores[known, k]).any():
-                results[category["name"]] = set_metrics(scored.category_target[known, k], scores[known, k], threshold)
+                results[category["name"]] = set_metrics(
+                    scored.category_target[known, k], scores[known, k], threshold
+                )
         return results
 
     def _log_test_categories(self) -> None:
@@ -459,7 +469,9 @@ class DistillationModule(L.LightningModule):
                 values["positives"] = metrics.n_unsafe
                 for key, value in values.items():
                     if value is not None:
-                        self.log(f"{prefix}/{key}", float(value), rank_zero_only=True, add_dataloader_idx=False)
+                        self.log(
+                            f"{prefix}/{key}", float(value), rank_zero_only=True, add_dataloader_idx=False
+                        )
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -66,7 +66,10 @@ def log_dataset_inputs(trainer: L.Trainer) -> None:
     parts = [
         (getattr(seed, "name", None) or "seed", [r for r in rows if r.source == "seed"], "training"),
         ("augmented", rows, "training"),
-        *((name, eval_rows, "evaluation") for name, eval_rows in getattr(datamodule, "eval_rows", {}).items()),
+        *(
+            (name, eval_rows, "evaluation")
+            for name, eval_rows in getattr(datamodule, "eval_rows", {}).items()
+        ),
     ]
     inputs = []
     for name, part, context in parts:
