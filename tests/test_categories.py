@@ -230,3 +230,28 @@ def test_runs_log_their_data_sets_as_mlflow_inputs(tmp_path: Path, tiny_student:
         "seed": "training", "augmented": "training", "placeholder_a": "evaluation",
     }  # fmt: skip
     assert all(len(digest) >= 8 for _, digest in logged.values())
+
+
+def test_a_new_mlflow_run_is_named_after_its_packs_and_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harmaug_pl.cli.lightning_cli import HarmAugCLI, _cli
+
+    named: list[str] = []
+
+    class NameOnly(HarmAugCLI):  # parse, name the run, build and run nothing
+        def before_instantiate_classes(self) -> None:
+            self._name_run()
+            named.append(self.config.fit.trainer.logger.init_args.run_name)
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
+    monkeypatch.setattr("sys.argv", ["harmaug"])
+    _cli(
+        NameOnly,
+        ["fit", "--config", "cpu_tiny", "--config", "early_stopping", "--seed_everything", "7"],
+        True,
+    )
+    assert named == ["cpu_tiny-seed7"]  # callback sets are not part of the name
