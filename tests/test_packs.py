@@ -135,6 +135,12 @@ def test_pack_instantiates_with_tiny_models(
         assert len(scores) == 1 and 0.0 <= scores[0] <= 1.0
         dm.pipeline.teacher.close()
 
+    # harm categories: one taxonomy for the module and the data module; a Llama-Guard teacher reads its codes
+    assert model.categories == dm.categories and len(model.categories) in (8, 13, 14)
+    assert (model.category_head is not None) == bool(init.get("category_weight"))
+    if isinstance(teacher, LlamaGuardTeacher):
+        assert dm.pipeline.category_codes == [c["code"] for c in model.categories]
+
     callbacks = {type(c): c for c in trainer.callbacks}
     assert StudentExport in callbacks and EvalPlots in callbacks and EvalReporter in callbacks
     assert callbacks[StudentExport].export_dir == folder / "student"

@@ -321,7 +321,7 @@ def test_a_model_failure_is_a_500_for_that_request_only(
     async def body() -> httpx2.Response:
         async with served(guard) as client:
             with monkeypatch.context() as patched:
-                patched.setattr(guard, "score_rows", broken)
+                patched.setattr(guard, "score_all", broken)
                 reply = await client.post("/v1/moderations", json={"input": "hi"})
             await answers_correctly(client, guard)
         return reply

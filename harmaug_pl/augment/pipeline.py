@@ -66,6 +66,10 @@ class AugmentationPipeline:
     ``responder=None`` keeps the synthetic instructions as prompt-only rows. The student learns the
     teacher, as in the paper: every row, seed rows included, gets the teacher's P(unsafe); seed rows
     keep their human label too.
+
+    ``category_codes``: with a teacher that reads categories (``category_scores``, Llama-Guard),
+    every labelled row also gets the teacher's P(code | unsafe) over these codes: one more read per
+    row, cached in its own stage under its own keys, so the P(unsafe) records and keys stay as they are.
     """
 
     def __init__(
@@ -74,11 +78,17 @@ class AugmentationPipeline:
         responder: Responder | None,
         teacher: Teacher,
         threshold: float = 0.5,
+        category_codes: Sequence[str] = (),
     ) -> None:
         self.generator = generator
         self.responder = responder
         self.teacher = teacher
         self.threshold = threshold
+        self.category_codes = list(category_codes)
+
+    @property
+    def reads_categories(self) -> bool:
+        return bool(self.category_codes) and hasattr(self.teacher, "category_scores")
 
     def run(
         self,
@@ -216,7 +226,61 @@ class AugmentationPipeline:
                 valid=lambda value: is_probability(value.get("score")),
             )
         scored = [replace(row, teacher_score=value["score"]) for row, value in zip(rows, result.values)]
+        if self.reads_categories:
+            scored = self._label_categories(scored, cache_dir, stage, teacher_id, rank, world_size, barrier)
         return scored, result
+
+    def _label_categories(
+        self,
+        rows: list[GuardExample],
+        cache_dir: Path,
+        stage: str,
+        teacher_id: dict[str, Any],
+        rank: int,
+        world_size: int,
+        barrier: Barrier,
+    ) -> list[GuardExample]:
+        """``rows`` with the teacher's P(code | unsafe) as ``teacher_categories``, through the cache."""
+        read = {**teacher_id, **self.teacher.category_read()}  # type: ignore[attr-defined]
+        keys = [
+            content_key(
+                stage="label_categories",
+                model=read,
+                codes=self.category_codes,
+                prompt=row.prompt,
+                response=row.response,
+            )  # fmt: skip
+            for row in rows
+        ]
+        codes = self.category_codes
+
+        def valid(value: dict[str, Any]) -> bool:
+            p = value.get("p")
+            return isinstance(p, dict) and set(p) == set(codes) and all(is_probability(v) for v in p.values())
+
+        with _memory_hint("teacher", self.teacher.batch_size):
+            result = run_stage(
+                cache_dir,
+                f"{stage}_categories",
+                rows,
+                keys,
+                self._score_categories,
+                batch_size=self.teacher.batch_size,
+                seed=0,
+                rank=rank,
+                world_size=world_size,
+                barrier=barrier,
+                desc=f"{stage} categories (teacher)",
+                valid=valid,
+            )
+        return [replace(row, teacher_categories=value["p"]) for row, value in zip(rows, result.values)]
+
+    def _score_categories(self, rows: list[GuardExample], seed: int) -> list[dict[str, Any]]:
+        """The teacher's P(code | unsafe) per row (deterministic: ``seed`` unused)."""
+        read = self.teacher.category_scores(  # type: ignore[attr-defined]
+            [row.prompt for row in rows], [row.response for row in rows], self.category_codes
+        )
+        return [{"p": {code: float(p) for code, p in values.items()}} for values in read]
 
     def _score(self, rows: list[GuardExample], seed: int) -> list[dict[str, Any]]:
         """The teacher is deterministic, so ``seed`` is unused; the score must be a probability."""

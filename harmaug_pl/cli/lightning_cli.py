@@ -151,6 +151,16 @@ class HarmAugCLI(LightningCLI):
             kwargs["weights_only"] = True
         return kwargs
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse as LightningCLI does, remembering the packs' names (for the MLflow run's name)."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        self.pack_names = [
+            Path(value).stem
+            for flag, value in zip(argv, argv[1:])
+            if flag in ("--config", "-c") and Path(value).parent.name != "callback_sets"
+        ] + [Path(a.split("=", 1)[1]).stem for a in argv if a.startswith("--config=")]
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` before LightningCLI reads the hyperparameters saved in it."""
         subcommand = self.config.get("subcommand")
@@ -221,6 +231,8 @@ class HarmAugCLI(LightningCLI):
         run_id = self._get(self.config, "run_id")
         if run_id:
             self._log_into_run(str(run_id))
+        else:
+            self._name_run()
         self._preflight()
 
     def _preflight(self) -> None:
@@ -236,16 +248,35 @@ class HarmAugCLI(LightningCLI):
 
             automatic_check(config.as_dict(), self.subcommand)
 
-    def _log_into_run(self, run_id: str) -> None:
-        """Point the pack's MLFlowLogger at ``run_id`` (checked to exist first)."""
+    def _mlflow_entries(self) -> list[Namespace]:
+        """The pack's MLFlowLogger entries (parsed, not yet built)."""
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         loggers = config.trainer.logger
         entries = loggers if isinstance(loggers, list) else [loggers]
-        mlflow_entries = [
+        return [
             entry
             for entry in entries
             if isinstance(entry, Namespace) and str(entry.get("class_path", "")).endswith("MLFlowLogger")
         ]
+
+    def _name_run(self) -> None:
+        """A new MLflow run is named after the packs and the seed (``cpu_tiny-seed42``), not at random,
+        unless the pack names it (``run_name``)."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        name = "+".join(getattr(self, "pack_names", [])) or "harmaug"
+        seed = config.get("seed_everything")
+        if seed is not None and not isinstance(seed, bool):
+            name += f"-seed{seed}"
+        for entry in self._mlflow_entries():
+            if not entry.init_args.get("run_name"):
+                entry.init_args.run_name = name
+
+    def _log_into_run(self, run_id: str) -> None:
+        """Point the pack's MLFlowLogger at ``run_id`` (checked to exist first)."""
+        loggers = (
+            self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        ).trainer.logger
+        mlflow_entries = self._mlflow_entries()
         if not mlflow_entries:
             raise ConfigError(
                 f"--run_id {run_id}: the pack's trainer.logger is not an MLFlowLogger ({loggers!r}), so "

@@ -26,7 +26,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +51,17 @@ BUILTIN_LABELS: dict[str, int] = {
 }
 _MAX_REPORTED_LOCATIONS = 5
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
+
+
+@dataclass
+class CategoryLabels:
+    """Human category labels for a source's rows, read from a JSONL file (``.jsonl.gz`` too) and
+    joined on the prompt text: ``fields`` maps an OpenAI moderation category name to the file's
+    column (0/1; a column absent from a line means *unknown* for that row, never 0)."""
+
+    path: str
+    fields: dict[str, str]
+    prompt_field: str = "prompt"
 
 
 @dataclass
@@ -89,11 +100,14 @@ class DataSource:
     hash_range: tuple[float, float] | None = None
     name: str | None = None
     preset: str | None = None
+    category_labels: CategoryLabels | None = None
 
     def __post_init__(self) -> None:
         """Reject inconsistent settings when the pack is parsed, before any data is read."""
         if self.preset is not None:
             self._apply_preset(self.preset)
+        if isinstance(self.category_labels, dict):  # from a preset's YAML
+            self.category_labels = CategoryLabels(**self.category_labels)
         if (self.path is None) == (self.hf_name is None):
             raise ConfigError(
                 "DataSource: set exactly one of 'path' (a local file or pkg://...) and 'hf_name' "
@@ -305,9 +319,31 @@ def load_examples(source: DataSource, *, origin: Literal["seed", "eval"] = "seed
             )
     if source.limit is not None:
         examples = examples[: source.limit]
+    if source.category_labels is not None:
+        examples = _join_category_labels(source, examples)
     if origin == "eval":
         _warn_single_class(source, examples)
     return LoadResult(examples=examples, skipped=dict(skipped))
+
+
+def _join_category_labels(source: DataSource, examples: list[GuardExample]) -> list[GuardExample]:
+    """Each row with the human category labels its prompt has in ``source.category_labels``."""
+    from harmaug_pl.categories import read_category_labels
+
+    spec = source.category_labels
+    assert spec is not None
+    path = resolve_package_path(spec.path) if is_package_ref(spec.path) else Path(spec.path).expanduser()
+    if not path.is_file():
+        raise DataUnavailable(f"{source.display}: category_labels.path {spec.path}: file not found")
+    labels = read_category_labels(path, spec.path, spec.fields, spec.prompt_field)
+    joined = [replace(ex, category_labels=labels.get(ex.prompt) or None) for ex in examples]
+    if not any(ex.category_labels for ex in joined):  # e.g. a preset's labels on another copy of a set
+        logger.warning(
+            "%s: no prompt of it is in category_labels.path %s, so its rows have no category labels",
+            source.display,
+            spec.path,
+        )
+    return joined
 
 
 def _warn_single_class(source: DataSource, examples: list[GuardExample]) -> None:

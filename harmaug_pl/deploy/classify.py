@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="harmaug classify",
         description=(
             "Score prompts (or prompt + response pairs) with an exported guard: P(unsafe) and the label "
-            "at a threshold. Give --prompt [--response], or --input FILE (.jsonl, .json, .csv)."
+            "at a threshold, and P(category) per harm category for guards trained with categories "
+            "(* marks those above their threshold). Give --prompt [--response], or --input FILE "
+            "(.jsonl, .json, .csv)."
         ),
     )
     parser.add_argument("--model", required=True, help="an exported folder, or an .onnx file inside one")
@@ -96,6 +98,9 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
         record = records[0]
         what = "prompt + response" if args.response else "prompt"
         print(f"{record['label']}  P(unsafe)={record['p_unsafe']:.4f}  ({what}, threshold {threshold})")
+        for name, score in record.get("category_scores", {}).items():
+            mark = "*" if name in record["categories"] else " "
+            print(f" {mark} {name:<24} P={score:.4f}  (threshold {guard.category_thresholds[name]:.4f})")
     n_cut = sum(r["truncated"] for r in records)
     if n_cut:
         print(

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
+from harmaug_pl.categories import CategoryHead, GuardCategories, check_taxonomy
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.deploy.guard import (
+    CATEGORY_OUTPUT,
     GUARD_CONFIG,
     ID2LABEL,
     Guard,
@@ -71,6 +73,10 @@ def model_card(card: dict[str, Any], settings: GuardSettings) -> str:
         f"| threshold | {settings.threshold} |",
         f"| labels | {ID2LABEL} |",
     ]
+    if card.get("categories"):
+        lines.append(
+            f"| categories | {', '.join(card['categories'])} (harmaug_categories.*: read by harmaug only) |"
+        )
     if card.get("note"):
         lines += ["", f"**Note:** {card['note']}"]
     metrics = card.get("metrics") or {}
@@ -100,15 +106,26 @@ def model_card(card: dict[str, Any], settings: GuardSettings) -> str:
 
 
 def write_guard_folder(
-    student: Any, tokenizer: Any, folder: str | Path, settings: GuardSettings, card: dict[str, Any]
+    student: Any,
+    tokenizer: Any,
+    folder: str | Path,
+    settings: GuardSettings,
+    card: dict[str, Any],
+    categories: GuardCategories | None = None,
 ) -> Path:
     """Save the student (safetensors), its tokenizer, settings and model card into ``folder``.
 
     The saved tokenizer's ``model_max_length`` is the training max length, so
     ``pipeline("text-classification", model=folder, truncation=True)`` truncates as in training.
+    ``categories`` go into their own files; without them, category files of an earlier export go.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if categories is not None:
+        categories.save(folder)
+        card = {**card, "categories": categories.names}
+    else:
+        GuardCategories.remove(folder)
     student.config.id2label = dict(ID2LABEL)
     student.config.label2id = {v: k for k, v in ID2LABEL.items()}
     student.save_pretrained(folder, safe_serialization=True)
@@ -169,6 +186,7 @@ def from_checkpoint(ckpt_path: str, folder: Path, max_length: int | None) -> Gua
             f"checkpoint {ckpt_path!r} does not match student {hparams['student']!r}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    categories = checkpoint_categories(checkpoint["state_dict"], hparams, ckpt_path)
     metrics = {}
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and state.get("best_model_score") is not None:
@@ -181,8 +199,28 @@ def from_checkpoint(ckpt_path: str, folder: Path, max_length: int | None) -> Gua
     }
     settings = GuardSettings(max_length=max_length, threshold=float(hparams.get("threshold", 0.5)))
     tokenizer = load_tokenizer(hparams["student"], trust_remote_code=hparams.get("trust_remote_code", False))
-    write_guard_folder(student, tokenizer, folder, settings, card)
-    return Guard.from_model(student, tokenizer, settings)
+    write_guard_folder(student, tokenizer, folder, settings, card, categories)
+    return Guard.from_model(student, tokenizer, settings, categories)
+
+
+def checkpoint_categories(
+    state: dict[str, torch.Tensor], hparams: dict[str, Any], ckpt_path: str
+) -> GuardCategories | None:
+    """The category head a checkpoint holds (trained with ``category_weight`` > 0), else ``None``."""
+    if not hparams.get("category_weight"):
+        return None
+    prefix = "category_head."
+    head_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    weight = head_state.get("linear.weight")
+    if weight is None:
+        raise ModelLoadError(f"checkpoint {ckpt_path!r}: category_weight > 0 but no category_head weights")
+    categories = check_taxonomy(hparams.get("categories") or [], f"checkpoint {ckpt_path} categories")
+    head = CategoryHead(weight.shape[1], weight.shape[0])
+    head.load_state_dict(head_state)
+    fallback = float(hparams.get("threshold", 0.5))
+    calibrated = state.get("category_thresholds", torch.full((len(categories),), float("nan"))).tolist()
+    thresholds = [fallback if value != value else value for value in calibrated]  # NaN: not calibrated
+    return GuardCategories(head.eval(), categories, thresholds)
 
 
 def from_mlflow_run(run_id: str, tracking_uri: str, folder: Path) -> Guard:
@@ -235,21 +273,26 @@ def from_model(ref: str, folder: Path, max_length: int | None, threshold: float 
     card = json.loads(card_file.read_text()) if card_file.is_file() else {"student_base": ref}
     card["source"] = f"model {ref}"
     tokenizer = load_tokenizer(ref)
-    write_guard_folder(student, tokenizer, folder, settings, card)
-    return Guard.from_model(student, tokenizer, settings)
+    categories = GuardCategories.load(saved) if saved.is_dir() else None
+    write_guard_folder(student, tokenizer, folder, settings, card, categories)
+    return Guard.from_model(student, tokenizer, settings, categories)
 
 
 # -- ONNX -------------------------------------------------------------------------------------
 class _LogitsOnly(torch.nn.Module):
-    """Positional inputs in, logits out: the signature the ONNX graph gets."""
+    """Positional inputs in, logits (and category logits, with a head) out: the ONNX graph's signature."""
 
-    def __init__(self, model: Any, names: list[str]) -> None:
+    def __init__(self, model: Any, names: list[str], head: CategoryHead | None = None) -> None:
         super().__init__()
         self.model = model
         self.names = names
+        self.head = head
+        if head is not None:
+            head.attach(model)
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, inputs))).logits
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(**dict(zip(self.names, inputs))).logits
+        return logits if self.head is None else (logits, self.head())
 
 
 def export_onnx(folder: Path, out: Path | None = None, opset: int = ONNX_OPSET) -> Path:
@@ -262,19 +305,22 @@ def export_onnx(folder: Path, out: Path | None = None, opset: int = ONNX_OPSET) 
     out = out or folder / ONNX_FILE
     model = load_sequence_classifier(str(folder))
     tokenizer = load_tokenizer(str(folder))
+    categories = GuardCategories.load(folder)
     names = [n for n in model_input_names(model) if n in tokenizer("a", "b")]
     example = tokenizer(
         ["a short example", "a"], ["and its response", "b"], padding=True, return_tensors="pt"
     )
-    wrapper = _LogitsOnly(model, names).eval()  # eval first: export restores the wrapper's mode
+    head = categories.head if categories is not None else None
+    wrapper = _LogitsOnly(model, names, head).eval()  # eval first: export restores the wrapper's mode
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    outputs = ["logits"] + ([CATEGORY_OUTPUT] if head is not None else [])
     torch.onnx.export(
         wrapper,
         tuple(example[name] for name in names),
         str(out),
         input_names=names,
-        output_names=["logits"],
-        dynamic_axes={**axes, "logits": {0: "batch"}},
+        output_names=outputs,
+        dynamic_axes={**axes, **{name: {0: "batch"} for name in outputs}},
         opset_version=opset,
         dynamo=False,
     )
@@ -305,6 +351,15 @@ def max_abs_diff(reference: list[float], other: list[float]) -> float:
     return float(max(abs(a - b) for a, b in zip(reference, other, strict=True)))
 
 
+def category_max_abs_diff(
+    reference: list[dict[str, float]], other: list[dict[str, float]] | None, fmt: str
+) -> float:
+    """Largest P(category) difference over rows and categories; a format that lost them is an error."""
+    if other is None:
+        raise ModelLoadError(f"{fmt}: the exported guard gives no categories, the trained one does")
+    return float(max(abs(a[name] - b[name]) for a, b in zip(reference, other, strict=True) for name in a))
+
+
 def export(
     folder: Path,
     reference: Guard,
@@ -318,7 +373,8 @@ def export(
     if unknown:
         raise ConfigError(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
     prompts, responses = verification_sample(sample_size, sample_source)
-    expected = reference.score(prompts, responses)
+    reference_scores = reference.score_all(prompts, responses)
+    expected = reference_scores.p_unsafe
     files: dict[str, Path] = {"hf": folder}
     if "onnx" in formats or "int8" in formats:
         files["onnx"] = export_onnx(folder)
@@ -327,7 +383,8 @@ def export(
     checks = {}
     threshold = reference.threshold
     for fmt, path in files.items():
-        scores = Guard.from_pretrained(path).score(prompts, responses)
+        loaded = Guard.from_pretrained(path).score_all(prompts, responses)
+        scores = loaded.p_unsafe
         # a score can move a lot where it does not matter (far from the threshold): the label flips
         # say what a user of the guard would see change
         flips = sum((a > threshold) != (b > threshold) for a, b in zip(expected, scores))
@@ -336,6 +393,10 @@ def export(
             "max_abs_diff": max_abs_diff(expected, scores),
             "label_flips": flips,
         }
+        if reference_scores.categories is not None:
+            checks[fmt]["category_max_abs_diff"] = category_max_abs_diff(
+                reference_scores.categories, loaded.categories, fmt
+            )
         log.info(
             "%s: max abs diff %.2e, %d label flips at %.2f on %d rows",
             fmt,

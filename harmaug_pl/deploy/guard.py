@@ -5,6 +5,10 @@ such a folder (plain or int8, run with onnxruntime). Either way the folder's ``h
 says how the student was trained (max length, threshold, which label is unsafe), and inputs go
 through the training tokenisation (:func:`harmaug_pl.data.encoding.tokenize_rows`), so a served
 guard scores the (prompt, response) pair and truncates exactly as it learned to.
+
+A guard trained with categories also gives P(category) per row: its folder holds the category head
+and taxonomy in separate files (:class:`~harmaug_pl.categories.GuardCategories`), so ``config.json``
+stays a plain 2-label classifier; folders without them answer without categories.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harmaug_pl.categories import GuardCategories
 from harmaug_pl.data.encoding import tokenize_rows
 from harmaug_pl.errors import ConfigError, ModelLoadError
 from harmaug_pl.model_loading import load_sequence_classifier, load_tokenizer
@@ -27,6 +32,7 @@ from harmaug_pl.model_loading import load_sequence_classifier, load_tokenizer
 GUARD_CONFIG = "harmaug_guard.json"
 ID2LABEL = {0: "safe", 1: "unsafe"}  # every guard folder's labels: the student's head, pipeline()'s output
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+CATEGORY_OUTPUT = "category_logits"  # the ONNX graph's second output, when the guard has categories
 
 
 @dataclass
@@ -84,18 +90,27 @@ def model_input_names(model: Any) -> list[str]:
     return [name for name in MODEL_INPUTS if name in accepted]
 
 
-class _TorchRunner:
-    """Logits from the safetensors student with PyTorch."""
+Outputs = tuple[np.ndarray, np.ndarray | None]  # binary logits; category logits (None: no categories)
 
-    def __init__(self, model: Any) -> None:
+
+class _TorchRunner:
+    """Logits (and category logits, with a head) from the safetensors student with PyTorch."""
+
+    def __init__(self, model: Any, categories: GuardCategories | None = None) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.names = model_input_names(self.model)
+        self.head = None
+        if categories is not None:
+            self.head = categories.head.to(self.device).eval()
+            self.head.attach(self.model)
 
-    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
+    def __call__(self, batch: dict[str, Any]) -> Outputs:
         inputs = {k: v.to(self.device) for k, v in batch.items() if k in self.names}
         with torch.inference_mode():
-            return self.model(**inputs).logits.float().cpu().numpy()
+            logits = self.model(**inputs).logits.float().cpu().numpy()
+            category = None if self.head is None else self.head().float().cpu().numpy()
+        return logits, category
 
 
 class _OnnxRunner:
@@ -113,20 +128,39 @@ class _OnnxRunner:
         except Exception as err:  # onnxruntime raises its own untyped errors for bad files
             raise ModelLoadError(f"cannot load ONNX model {path}: {err}") from err
         self.names = [i.name for i in self.session.get_inputs()]
+        self.has_categories = CATEGORY_OUTPUT in [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
+    def __call__(self, batch: dict[str, Any]) -> Outputs:
         feed = {name: np.asarray(batch[name], dtype=np.int64) for name in self.names}
-        return self.session.run(None, feed)[0]
+        outputs = self.session.run(None, feed)
+        return outputs[0], outputs[1] if self.has_categories else None
+
+
+@dataclass
+class Scores:
+    """Per row: P(unsafe), P(category) by category name (``None``: no categories), truncation."""
+
+    p_unsafe: list[float]
+    categories: list[dict[str, float]] | None
+    truncated: list[bool]
 
 
 class Guard:
-    """A trained student as a guard: P(unsafe) for prompts or (prompt, response) pairs."""
+    """A trained student as a guard: P(unsafe) (and P(category)) for prompts or (prompt, response) pairs."""
 
-    def __init__(self, tokenizer: Any, runner: Any, settings: GuardSettings, source: str) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        runner: Any,
+        settings: GuardSettings,
+        source: str,
+        categories: GuardCategories | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.runner = runner
         self.settings = settings
         self.source = source
+        self.categories = categories
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", threads: int | None = None) -> Guard:
@@ -139,18 +173,23 @@ class Guard:
             raise ModelLoadError(f"guard {str(path)!r}: no such file or folder")
         folder = path.parent if path.is_file() else path
         settings = GuardSettings.load(folder)
+        categories = GuardCategories.load(folder)
         if path.is_file():
             if path.suffix != ".onnx":
                 raise ModelLoadError(f"guard {str(path)!r}: a file must be an .onnx export")
             runner: Any = _OnnxRunner(path, threads)
+            if not runner.has_categories:  # exported before the folder had categories
+                categories = None
         else:
-            runner = _TorchRunner(load_sequence_classifier(str(folder), device=device))
-        return cls(load_tokenizer(str(folder)), runner, settings, str(path))
+            runner = _TorchRunner(load_sequence_classifier(str(folder), device=device), categories)
+        return cls(load_tokenizer(str(folder)), runner, settings, str(path), categories)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, settings: GuardSettings) -> Guard:
+    def from_model(
+        cls, model: Any, tokenizer: Any, settings: GuardSettings, categories: GuardCategories | None = None
+    ) -> Guard:
         """A guard around a student in memory (the reference an export is checked against)."""
-        return cls(tokenizer, _TorchRunner(model), settings, "in memory")
+        return cls(tokenizer, _TorchRunner(model, categories), settings, "in memory", categories)
 
     @property
     def threshold(self) -> float:
@@ -166,12 +205,19 @@ class Guard:
         self, prompts: Sequence[str], responses: Sequence[str | None] | None = None, batch_size: int = 32
     ) -> list[float]:
         """P(unsafe) per row; ``responses[i]`` None (or no ``responses``) scores the prompt alone."""
-        return self.score_rows(prompts, responses, batch_size)[0]
+        return self.score_all(prompts, responses, batch_size).p_unsafe
 
     def score_rows(
         self, prompts: Sequence[str], responses: Sequence[str | None] | None = None, batch_size: int = 32
     ) -> tuple[list[float], list[bool]]:
-        """P(unsafe) and whether the row was truncated, per row, tokenising each row once.
+        """P(unsafe) and whether the row was truncated, per row."""
+        scores = self.score_all(prompts, responses, batch_size)
+        return scores.p_unsafe, scores.truncated
+
+    def score_all(
+        self, prompts: Sequence[str], responses: Sequence[str | None] | None = None, batch_size: int = 32
+    ) -> Scores:
+        """P(unsafe), P(category) (with categories) and truncation per row, tokenising each row once.
 
         Rows go to the model in batches of similar length (sorted by token count), so a batch is
         padded to a length close to each of its rows', not to the longest row of the whole call:
@@ -184,15 +230,22 @@ class Guard:
         tensors = "pt" if isinstance(self.runner, _TorchRunner) else "np"
         order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
         scores = [0.0] * len(features)
+        names = self.categories.names if self.categories is not None else None
+        per_category: list[dict[str, float]] = [{} for _ in features]
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = self.tokenizer.pad([features[i] for i in rows], return_tensors=tensors)
-            logits = self.runner(batch).astype(np.float64)
+            logits, category_logits = self.runner(batch)
+            logits = logits.astype(np.float64)
             probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
             probs /= probs.sum(axis=-1, keepdims=True)
             for i, p in zip(rows, probs[:, self.settings.unsafe_index].tolist()):
                 scores[i] = p
-        return scores, truncated
+            if names is not None and category_logits is not None:
+                sigmoid = 1.0 / (1.0 + np.exp(-category_logits.astype(np.float64)))
+                for i, values in zip(rows, sigmoid.tolist()):
+                    per_category[i] = dict(zip(names, values, strict=True))
+        return Scores(scores, per_category if names is not None else None, truncated)
 
     def classify(
         self,
@@ -204,14 +257,58 @@ class Guard:
         """Per row: ``p_unsafe``, ``label`` (``unsafe`` above ``threshold``, default the guard's) and
         ``truncated``: what ``harmaug classify``, ``harmaug serve`` and the MLflow model return."""
         threshold = self.threshold if threshold is None else threshold
-        scores, cuts = self.score_rows(prompts, responses, batch_size)
-        return [verdict(score, cut, threshold) for score, cut in zip(scores, cuts, strict=True)]
+        scores = self.score_all(prompts, responses, batch_size)
+        categories = scores.categories or [None] * len(scores.p_unsafe)
+        return [
+            verdict(score, cut, threshold, cats, self.category_thresholds)
+            for score, cut, cats in zip(scores.p_unsafe, scores.truncated, categories, strict=True)
+        ]
+
+    @property
+    def public_names(self) -> dict[str, str]:
+        """Each category's name in OpenAI's moderation vocabulary where its pack maps one, else its own."""
+        if self.categories is None:
+            return {}
+        return {c["name"]: c.get("openai") or c["name"] for c in self.categories.categories}
+
+    @property
+    def category_thresholds(self) -> dict[str, float]:
+        """Each category's threshold (calibrated on val, else the pack's); empty without categories."""
+        if self.categories is None:
+            return {}
+        return dict(zip(self.categories.names, self.categories.thresholds, strict=True))
 
 
-def verdict(p_unsafe: float, truncated: bool, threshold: float) -> dict[str, Any]:
-    """One row's answer: the score, the label at ``threshold`` (strictly above: unsafe)."""
+def verdict(
+    p_unsafe: float,
+    truncated: bool,
+    threshold: float,
+    category_scores: dict[str, float] | None = None,
+    category_thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """One row's answer: the score, the label at ``threshold`` (strictly above: unsafe); with
+    categories, ``category_scores`` (P(category)) and ``categories``: on an unsafe row, those above
+    their threshold (a category names the kind of harm of a row the binary head flags; none on a safe row)."""
     label = "unsafe" if p_unsafe > threshold else "safe"
-    return {"p_unsafe": p_unsafe, "label": label, "truncated": truncated}
+    answer: dict[str, Any] = {"p_unsafe": p_unsafe, "label": label, "truncated": truncated}
+    if category_scores is not None:
+        thresholds = category_thresholds or {}
+        answer["category_scores"] = category_scores
+        answer["categories"] = [
+            n for n, p in category_scores.items() if label == "unsafe" and p > thresholds.get(n, threshold)
+        ]
+    return answer
+
+
+def flat(answer: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`verdict` as one flat record (a table row): ``category_scores.<name>`` (P(category))
+    and ``categories.<name>`` (above its threshold) columns instead of nested values."""
+    row = {k: v for k, v in answer.items() if k not in ("category_scores", "categories")}
+    flagged = set(answer.get("categories", []))
+    for name, score in answer.get("category_scores", {}).items():
+        row[f"category_scores.{name}"] = score
+        row[f"categories.{name}"] = name in flagged
+    return row
 
 
 def _responses(prompts: Sequence[str], responses: Sequence[str | None] | None) -> list[str | None]:

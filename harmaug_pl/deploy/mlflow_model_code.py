@@ -3,7 +3,9 @@ when the model loads, with the guard folder as the model's ``guard`` artifact.
 
 Input: a table with ``prompt`` and an optional ``response`` column (a row with no response is
 scored as its prompt alone). Output: ``p_unsafe``, ``label`` and ``truncated`` per row, exactly
-:meth:`harmaug_pl.deploy.guard.Guard.classify`. Param ``threshold`` overrides the guard's.
+:meth:`harmaug_pl.deploy.guard.Guard.classify`; a guard with categories adds flat columns
+``category_scores.<name>`` (P(category)) and ``categories.<name>`` (flagged). Param ``threshold``
+overrides the guard's.
 :mod:`harmaug_pl.registry` logs it; nothing else imports this file.
 """
 
@@ -19,8 +21,9 @@ class GuardModel(mlflow.pyfunc.PythonModel):
     """A :class:`~harmaug_pl.deploy.guard.Guard` behind MLflow's pyfunc interface."""
 
     def load_context(self, context: Any) -> None:
-        from harmaug_pl.deploy.guard import Guard
+        from harmaug_pl.deploy.guard import Guard, flat
 
+        self.flat = flat
         self.guard = Guard.from_pretrained(context.artifacts["guard"])
 
     def predict(
@@ -31,7 +34,7 @@ class GuardModel(mlflow.pyfunc.PythonModel):
         column = frame["response"] if "response" in frame else [None] * len(prompts)
         responses = [None if r is None or pd.isna(r) or r == "" else str(r) for r in column]
         threshold = (params or {}).get("threshold")
-        return pd.DataFrame(self.guard.classify(prompts, responses, threshold))
+        return pd.DataFrame([self.flat(row) for row in self.guard.classify(prompts, responses, threshold)])
 
 
 mlflow.models.set_model(GuardModel())

@@ -9,10 +9,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from harmaug_pl.categories import GuardCategories
 from harmaug_pl.package_refs import PACKAGE_ROOT
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,22 @@ def requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def signature(threshold: float) -> Any:
-    """(prompt, optional response) -> (p_unsafe, label, truncated); param ``threshold``."""
+def signature(threshold: float, categories: Sequence[str] = ()) -> Any:
+    """(prompt, optional response) -> (p_unsafe, label, truncated, and per category
+    ``category_scores.<name>``, ``categories.<name>``); param ``threshold``."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
+    per_category = [
+        spec
+        for name in categories
+        for spec in (ColSpec("double", f"category_scores.{name}"), ColSpec("boolean", f"categories.{name}"))
+    ]
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response", required=False)]),
         outputs=Schema(
             [ColSpec("double", "p_unsafe"), ColSpec("string", "label"), ColSpec("boolean", "truncated")]
+            + per_category
         ),
         params=ParamSchema([ParamSpec("threshold", "double", float(threshold))]),
     )
@@ -71,6 +79,7 @@ def log_guard_model(
     from mlflow.models import Model
 
     started = time.perf_counter()
+    categories = GuardCategories.load(folder)
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     with tempfile.TemporaryDirectory() as tmp, _experiment(experiment_id):
         code = Path(tmp) / "harmaug_pl"  # the package as trained, without caches
@@ -85,7 +94,7 @@ def log_guard_model(
             artifacts={"guard": str(folder)},
             code_paths=[str(code)],
             pip_requirements=requirements(),
-            signature=signature(threshold),
+            signature=signature(threshold, categories.names if categories is not None else ()),
             input_example=pd.DataFrame(EXAMPLE),
             registered_model_name=registered_model_name,
         )

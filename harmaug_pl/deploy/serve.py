@@ -61,7 +61,8 @@ except ImportError as missing:  # the optional `serve` extra
 
 
 log = logging.getLogger("harmaug.serve")
-UNSAFE = "unsafe"  # a binary guard's one category (its own label, not one of OpenAI's)
+UNSAFE = "unsafe"  # the binary head's category (its own label, not one of OpenAI's)
+Scored = tuple[float, bool, dict[str, float] | None]  # P(unsafe), truncated, P(category) by name
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -265,10 +266,11 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
     threshold = guard.threshold if settings.threshold is None else settings.threshold
     metrics = ServeMetrics()
 
-    def score(rows: list[tuple[str, str | None]]) -> list[tuple[float, bool]]:
+    def score(rows: list[tuple[str, str | None]]) -> list[Scored]:
         prompts, responses = [p for p, _ in rows], [r for _, r in rows]
-        scores, cut = guard.score_rows(prompts, responses, settings.forward_batch_size or len(rows))
-        return list(zip(scores, cut, strict=True))
+        scores = guard.score_all(prompts, responses, settings.forward_batch_size or len(rows))
+        categories = scores.categories or [None] * len(rows)
+        return list(zip(scores.p_unsafe, scores.truncated, categories, strict=True))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -323,7 +325,7 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
 
     async def run(
         request: Request, rows: list[tuple[str, str | None]], endpoint: str
-    ) -> list[tuple[float, bool]] | JSONResponse:
+    ) -> list[Scored] | JSONResponse:
         """The rows' scores; if the client disconnects first, its rows leave the queue."""
         if app.state.draining:
             raise RequestError(503, "the server is shutting down", code="shutting_down")
@@ -344,7 +346,7 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
         except Exception as error:  # the model failed on this request's rows (only its own: microbatch.py)
             return failure(request, error)
         metrics.rows.labels(endpoint).inc(len(rows))
-        metrics.truncated.inc(sum(cut for _, cut in results))
+        metrics.truncated.inc(sum(cut for _, cut, _ in results))
         return results
 
     def check_rows(count: int, field: str) -> None:
@@ -391,7 +393,10 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
         return {
             "id": f"modr-{uuid.uuid4().hex}",
             "model": name,
-            "results": [moderation_result(p, cut, threshold) for p, cut in results],
+            "results": [
+                moderation_result(p, cut, threshold, cats, guard.category_thresholds, guard.public_names)
+                for p, cut, cats in results
+            ],
         }
 
     @app.post("/v1/classify", response_model=None)
@@ -410,7 +415,7 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
             "model": name,
             "threshold": used,
             "max_length": guard.settings.max_length,
-            "results": [verdict(p, cut, used) for p, cut in results],
+            "results": [verdict(p, cut, used, cats, guard.category_thresholds) for p, cut, cats in results],
         }
 
     @app.get("/health")
@@ -432,18 +437,35 @@ def create_app(guard: Guard, settings: ServeSettings | None = None, model_name: 
     return app
 
 
-def moderation_result(p_unsafe: float, truncated: bool, threshold: float) -> dict[str, Any]:
-    """One ``results[]`` entry of OpenAI's moderation shape with the guard's one category.
+def moderation_result(
+    p_unsafe: float,
+    truncated: bool,
+    threshold: float,
+    category_scores: dict[str, float] | None = None,
+    category_thresholds: dict[str, float] | None = None,
+    public_names: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One ``results[]`` entry of OpenAI's moderation shape: ``unsafe`` (the binary head) and the
+    guard's categories under OpenAI's names where its pack maps one (its own names otherwise).
 
-    ``truncated`` is ours (OpenAI's clients keep unknown fields): the text was longer than the
-    guard's max length and was scored on its first tokens, as in training.
+    ``flagged`` is the binary head at ``threshold``; a category is true on a flagged row whose
+    P(category) is above that category's threshold (it names the kind of harm; false on unflagged
+    rows). Categories the guard does not model are absent (never false or 0). ``truncated`` is ours
+    (OpenAI's clients keep unknown fields): the text was longer than the guard's max length and was
+    scored on its first tokens.
     """
     flagged = p_unsafe > threshold
+    flags, scores = {UNSAFE: flagged}, {UNSAFE: p_unsafe}
+    names, thresholds = public_names or {}, category_thresholds or {}
+    for name, score in (category_scores or {}).items():
+        key = names.get(name, name)
+        flags[key] = flagged and score > thresholds.get(name, threshold)
+        scores[key] = score
     return {
         "flagged": flagged,
-        "categories": {UNSAFE: flagged},
-        "category_scores": {UNSAFE: p_unsafe},
-        "category_applied_input_types": {UNSAFE: ["text"]},
+        "categories": flags,
+        "category_scores": scores,
+        "category_applied_input_types": {key: ["text"] for key in flags},
         "truncated": truncated,
     }
 

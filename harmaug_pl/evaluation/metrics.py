@@ -23,11 +23,18 @@ Calibration = Literal["none", "max_f1", "target_fpr"]
 
 @dataclass
 class ScoredSet:
-    """One eval set's labelled rows: human label, the student's and (when known) the teacher's P(unsafe)."""
+    """One eval set's labelled rows: human label, the student's and (when known) the teacher's P(unsafe).
+
+    With a category head: the student's P(category) and the human category labels (-1: unknown),
+    ``[rows, categories]`` each.
+    """
 
     target: np.ndarray
     student: np.ndarray
     teacher: np.ndarray | None = None
+    category_student: np.ndarray | None = None
+    category_target: np.ndarray | None = None
+    category_teacher: np.ndarray | None = None  # the teacher's P(unsafe) x P(code | unsafe); NaN: none
 
     def __post_init__(self) -> None:
         self.target = np.asarray(self.target, dtype=np.int64)

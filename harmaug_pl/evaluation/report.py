@@ -38,6 +38,18 @@ class ReportRow:
     metrics: SetMetrics
 
 
+@dataclass(frozen=True)
+class CategoryRow:
+    """The student on one category of one set (human labels), at that category's threshold."""
+
+    set_name: str
+    scorer: str  # "student" or "teacher" (Llama-Guard teachers: P(unsafe) x P(code | unsafe))
+    category: str
+    openai: str | None
+    threshold_source: str  # "val" (calibrated), "fallback" (the val split could not decide) or "pack"
+    metrics: SetMetrics  # its ``threshold`` is the one used
+
+
 def _fmt(value: float | int | None) -> str:
     if value is None:
         return "n/a"
@@ -60,6 +72,7 @@ class EvalReport:
     threshold: float
     calibrated_threshold: float | None
     skipped: dict[str, str] = field(default_factory=dict)  # eval sets left out: name -> why
+    categories: list[CategoryRow] = field(default_factory=list)  # per category, sets with their labels
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
@@ -72,6 +85,7 @@ class EvalReport:
         unlabelled: dict[str, int] | None = None,
         ece_bins: int = 10,
         skipped: dict[str, str] | None = None,
+        categories: list[CategoryRow] | None = None,
     ) -> EvalReport:
         """Score the student at both thresholds and the teacher at ``threshold`` on every set."""
         rows = []
@@ -84,7 +98,13 @@ class EvalReport:
             for scorer, scores, at in scorers:
                 rows.append(ReportRow(name, scorer, set_metrics(scored.target, scores, at, ece_bins)))
         return cls(
-            rows, dict(presets), dict(unlabelled or {}), threshold, calibrated_threshold, dict(skipped or {})
+            rows,
+            dict(presets),
+            dict(unlabelled or {}),
+            threshold,
+            calibrated_threshold,
+            dict(skipped or {}),
+            list(categories or []),
         )
 
     def scorers(self) -> list[str]:
@@ -171,10 +191,50 @@ class EvalReport:
                 "\n\nNot measured (unreachable, skipped by data.unavailable_eval_sets: skip): "
                 + "; ".join(f"{name}: {reason}" for name, reason in self.skipped.items())
             )
-        return (
+        text = (
             f"## Evaluation summary\n\n{_markdown(*summary)}\n\n"
             f"## Per set\n\n{_markdown(*detail)}\n\n{notes}\n"
         )
+        if self.categories:
+            text += f"\n## Per category (human category labels)\n\n{_markdown(*self.category_table())}\n\n"
+            text += (
+                "positives/known: rows labelled 1 / rows whose label for the category is known (the rest are "
+                "not scored for it). Threshold: calibrated on the val split's known labels, or the pack's "
+                "threshold (fallback) where the val split has no positives or no negatives for it; the "
+                "teacher (P(unsafe) x P(code | unsafe), Llama-Guard teachers) at the pack's threshold "
+                "(pack).\n"
+            )
+        return text
+
+    def category_table(self) -> tuple[list[str], list[list[str]]]:
+        """One row per set and category: positives beside every figure."""
+        header = [
+            "set",
+            "scorer",
+            "category",
+            "OpenAI name",
+            "positives",
+            "known",
+            "threshold",
+            "AUPRC",
+            "F1",
+            "precision",
+            "recall",
+        ]
+        rows = [
+            [
+                row.set_name,
+                row.scorer,
+                row.category,
+                row.openai or "none",
+                str(row.metrics.n_unsafe),
+                str(row.metrics.n),
+                f"{row.metrics.threshold:.3f} ({row.threshold_source})",
+                *(_fmt(getattr(row.metrics, m)) for m in ("auprc", "f1", "precision", "recall")),
+            ]
+            for row in self.categories
+        ]
+        return header, rows
 
     def to_csv(self) -> str:
         """The detail table, one row per set, scorer and threshold (empty cell: undefined)."""

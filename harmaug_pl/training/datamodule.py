@@ -22,6 +22,7 @@ from harmaug_pl.augment.generator import InstructionGenerator
 from harmaug_pl.augment.pipeline import AugmentationPipeline
 from harmaug_pl.augment.rank_sync import RankSync, all_gather_objects
 from harmaug_pl.augment.responder import Responder
+from harmaug_pl.categories import Category, check_taxonomy, row_targets
 from harmaug_pl.data.encoding import encode_pairs, tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.schema import GuardExample
@@ -122,9 +123,10 @@ class PairCollator:
     the prompt are a known failure of peer wrappers.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, categories: Sequence[Category] = ()) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.categories = list(categories)
 
     def __call__(self, items: list[GuardExample] | list[tuple[int, GuardExample]]) -> dict[str, torch.Tensor]:
         positions = [item[0] for item in items] if items and isinstance(items[0], tuple) else None
@@ -138,7 +140,37 @@ class PairCollator:
         batch["label"] = torch.tensor([row.label if row.label is not None else -1 for row in rows])
         if positions is not None:
             batch["row_index"] = torch.tensor(positions)
+        if self.categories:
+            self._add_categories(batch, rows)
         return dict(batch)
+
+    def _add_categories(self, batch: Any, rows: Sequence[GuardExample]) -> None:
+        """The category head's training signal (target, mask) and the human labels (-1: unknown)."""
+        signal = [
+            row_targets(self.categories, row.teacher_score, row.teacher_categories, row.category_labels)
+            for row in rows
+        ]
+        batch["category_target"] = torch.tensor([targets for targets, _ in signal], dtype=torch.float32)
+        batch["category_mask"] = torch.tensor([known for _, known in signal], dtype=torch.bool)
+        batch["category_label"] = torch.tensor(
+            [
+                [(row.category_labels or {}).get(c.get("openai") or "", -1) for c in self.categories]
+                for row in rows
+            ],
+            dtype=torch.long,
+        )
+        batch["category_teacher"] = torch.tensor(  # the teacher's P(unsafe) x P(code | unsafe); NaN: none
+            [
+                [
+                    (row.teacher_score or 0.0) * row.teacher_categories[c["code"]]
+                    if row.teacher_categories and c.get("code") in row.teacher_categories
+                    else float("nan")
+                    for c in self.categories
+                ]
+                for row in rows
+            ],
+            dtype=torch.float32,
+        )
 
 
 def stratified_group_split(
@@ -229,6 +261,7 @@ class HarmAugDataModule(L.LightningDataModule):
         unavailable_eval_sets: Literal["stop", "skip"] = "stop",
         validate_on_eval_sets: bool = True,
         length_group: int = 1,
+        categories: list[Category] | str | None = None,
     ) -> None:
         super().__init__()
         if unavailable_eval_sets not in ("stop", "skip"):
@@ -269,11 +302,13 @@ class HarmAugDataModule(L.LightningDataModule):
         self.unavailable_eval_sets = unavailable_eval_sets
         self.validate_on_eval_sets = validate_on_eval_sets
         self.length_group = length_group
+        self.categories = check_taxonomy(categories, "data.categories") if categories else []
         self.pipeline = AugmentationPipeline(
             generator=generator if augment else None,
             responder=responder if augment else None,
             teacher=teacher,
             threshold=threshold,
+            category_codes=[c["code"] for c in self.categories if c.get("code")],
         )
         self.augmentation_stats: dict[str, float | int] = {}
         self.train_rows: list[GuardExample] = []
@@ -449,7 +484,7 @@ class HarmAugDataModule(L.LightningDataModule):
         return DataLoader(
             ExampleDataset(rows, indexed=indexed),
             batch_size=batch_size,
-            collate_fn=PairCollator(self.tokenizer, self.max_length),
+            collate_fn=PairCollator(self.tokenizer, self.max_length, self.categories),
             num_workers=self.num_workers,
             **kwargs,
         )

@@ -23,9 +23,18 @@ from torchmetrics.classification import (
 from transformers import get_linear_schedule_with_warmup
 
 from harmaug_pl.augment.rank_sync import all_gather_objects
+from harmaug_pl.categories import (
+    Category,
+    CategoryHead,
+    GuardCategories,
+    check_taxonomy,
+    hidden_size,
+    masked_bce,
+    metric_name,
+)
 from harmaug_pl.deploy.guard import ID2LABEL
 from harmaug_pl.errors import ConfigError
-from harmaug_pl.evaluation.metrics import Calibration, ScoredSet, calibrate_threshold
+from harmaug_pl.evaluation.metrics import Calibration, ScoredSet, calibrate_threshold, set_metrics
 from harmaug_pl.model_loading import build_sequence_classifier, load_sequence_classifier
 
 log = logging.getLogger(__name__)
@@ -98,7 +107,10 @@ def binary_metrics(probs: torch.Tensor, target: torch.Tensor, threshold: float) 
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
-TestRows = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # row index, P(unsafe), label, teacher
+# row index, P(unsafe), label, teacher; then, with a category head, P(category) and the human
+# category labels (-1 unknown), [rows, categories] each
+TestRows = tuple[np.ndarray, ...]
+CATEGORY_METRICS = ("auprc", "f1", "precision", "recall")
 
 
 def merge_rank_rows(per_rank: list[dict[str, TestRows]]) -> dict[str, TestRows]:
@@ -129,6 +141,14 @@ class DistillationModule(L.LightningModule):
     (``threshold_calibration``: ``max_f1`` or the lowest threshold with FPR <= ``target_fpr``, against
     the teacher's hard labels, the only labels the val split has) and kept in the checkpoint, so
     ``harmaug test --ckpt_path`` reports at the pack's ``threshold`` and at the calibrated one.
+
+    With ``category_weight`` > 0, a category head (:class:`~harmaug_pl.categories.CategoryHead`, one
+    sigmoid per entry of ``categories``) reads the features of the same forward pass and adds
+    ``category_weight`` x masked BCE to the loss; each category's threshold is calibrated on the val
+    split's known labels like the binary one (where the val split has positives and negatives;
+    otherwise the category keeps the pack's ``threshold``), and the test pass logs
+    ``test/<set>/category/<name>/{auprc,f1,precision,recall,positives}`` on sets with category labels.
+    At 0 no head is built: checkpoints and metrics are those of a module without categories.
     """
 
     def __init__(
@@ -145,6 +165,8 @@ class DistillationModule(L.LightningModule):
         trust_remote_code: bool = False,
         threshold_calibration: Calibration = "max_f1",
         target_fpr: float = 0.05,
+        categories: list[Category] | str | None = None,
+        category_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
@@ -160,6 +182,13 @@ class DistillationModule(L.LightningModule):
             )
         if not 0.0 <= target_fpr <= 1.0:
             raise ConfigError(f"model.target_fpr must be in [0, 1], got {target_fpr}")
+        if not category_weight >= 0.0:
+            raise ConfigError(
+                f"model.category_weight must be >= 0 (0: no category head), got {category_weight}"
+            )
+        if category_weight > 0 and not categories:
+            raise ConfigError("model.category_weight > 0 needs a taxonomy in model.categories")
+        self.categories = check_taxonomy(categories, "model.categories") if categories else []
         self.save_hyperparameters()
         build = build_sequence_classifier if _WEIGHTS_FROM_CHECKPOINT.get() else load_sequence_classifier
         self.student = build(
@@ -171,6 +200,12 @@ class DistillationModule(L.LightningModule):
         ).train()
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
+        self.category_head: CategoryHead | None = None
+        if category_weight > 0:  # at 0 nothing is built, so no random draw or weight differs
+            self.category_head = CategoryHead(hidden_size(self.student), len(self.categories))
+            self.category_head.attach(self.student)
+            # NaN: not calibrated (the category keeps the pack's threshold); saved in checkpoints
+            self.register_buffer("category_thresholds", torch.full((len(self.categories),), float("nan")))
         self.val_names: list[str] = []
         self.test_names: list[str] = []
         self.val_metrics = torch.nn.ModuleDict()
@@ -181,6 +216,7 @@ class DistillationModule(L.LightningModule):
         self._test_buffers: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         self._test_positions: dict[str, int] = {}
         self._val_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._val_category_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- wiring eval sets ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -206,6 +242,10 @@ class DistillationModule(L.LightningModule):
             self.hparams.threshold,
             self.hparams.teacher_temperature,
         )
+        if self.category_head is not None:
+            category = masked_bce(self.category_head(), batch["category_target"], batch["category_mask"])
+            loss = loss + self.hparams.category_weight * category
+            parts["category_bce"] = category.detach()
         bs = logits.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
@@ -213,6 +253,22 @@ class DistillationModule(L.LightningModule):
 
     def _p_unsafe(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.softmax(self(batch).float(), dim=-1)[:, 1]
+
+    def _p_categories(self) -> torch.Tensor:
+        """P(category) per row of the latest forward pass (the head's sigmoids)."""
+        assert self.category_head is not None
+        return torch.sigmoid(self.category_head().float())
+
+    def guard_categories(self) -> GuardCategories | None:
+        """The head, taxonomy and thresholds a guard folder carries; ``None`` without a head."""
+        if self.category_head is None:
+            return None
+        return GuardCategories(self.category_head, self.categories, self.category_threshold_values())
+
+    def category_threshold_values(self) -> list[float]:
+        """Each category's threshold: calibrated on val, else the pack's ``threshold``."""
+        fallback = float(self.hparams.threshold)
+        return [fallback if math.isnan(v) else v for v in self.category_thresholds.tolist()]
 
     def _update(
         self, store: torch.nn.ModuleDict, name: str, batch: dict[str, torch.Tensor]
@@ -236,6 +292,11 @@ class DistillationModule(L.LightningModule):
         probs, target = self._update(self.val_metrics, name, batch)
         if name == "val":
             self._val_buffer.append((probs.detach().cpu(), target.detach().cpu()))
+            if self.category_head is not None:
+                # hard targets for calibration: human labels as they are, teacher targets above the threshold
+                known = batch["category_mask"].bool()
+                hard = (batch["category_target"] > self.hparams.threshold).long().masked_fill(~known, -1)
+                self._val_category_buffer.append((self._p_categories().detach().cpu(), hard.cpu()))
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         name = self.test_names[dataloader_idx]
@@ -246,7 +307,9 @@ class DistillationModule(L.LightningModule):
             index = torch.arange(start, start + len(probs), device=probs.device)
             self._test_positions[name] = start + len(probs)
         keep = batch["label"] >= 0  # rows without a human label are not scored
-        columns = (index, probs, batch["label"], batch["teacher_score"])
+        columns: tuple[torch.Tensor, ...] = (index, probs, batch["label"], batch["teacher_score"])
+        if self.category_head is not None:
+            columns += (self._p_categories(), batch["category_label"], batch["category_teacher"])
         self._test_buffers.setdefault(name, []).append(tuple(c[keep].detach().cpu() for c in columns))
 
     def on_test_epoch_start(self) -> None:
@@ -281,11 +344,14 @@ class DistillationModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_buffer = []
+        self._val_category_buffer = []
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch(self.val_metrics, self.val_names)
         if self._val_buffer and not self.trainer.sanity_checking:
             self._calibrate()
+        if self._val_category_buffer and not self.trainer.sanity_checking:
+            self._calibrate_categories()
 
     def _calibrate(self) -> None:
         """Set ``calibrated_threshold`` from this epoch's val scores (rank 0's share; all ranks agree)."""
@@ -299,6 +365,27 @@ class DistillationModule(L.LightningModule):
             self.log("val/calibrated_threshold", value, add_dataloader_idx=False)
         elif hp.threshold_calibration != "none":
             log.warning("threshold calibration: the val split has one class or one score; not calibrated")
+
+    def _calibrate_categories(self) -> None:
+        """Per category, the val split's threshold where it has known positives and negatives."""
+        probs = torch.cat([p for p, _ in self._val_category_buffer]).double().numpy()
+        labels = torch.cat([t for _, t in self._val_category_buffer]).numpy()
+        hp = self.hparams
+        for k, category in enumerate(self.categories):
+            known = labels[:, k] >= 0
+            found = calibrate_threshold(
+                labels[known, k], probs[known, k], hp.threshold_calibration, hp.target_fpr
+            )
+            value = self.trainer.strategy.broadcast(float("nan") if found is None else found, src=0)
+            self.category_thresholds[k] = value
+            name = metric_name(category["name"])
+            self.log(
+                f"val/category/{name}/positives",
+                float((labels[known, k] == 1).sum()),
+                add_dataloader_idx=False,
+            )
+            if not math.isnan(value):
+                self.log(f"val/category/{name}/calibrated_threshold", value, add_dataloader_idx=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints written before calibration existed load with an uncalibrated threshold."""
@@ -317,8 +404,15 @@ class DistillationModule(L.LightningModule):
             log.warning("test batches carry no row_index: rows repeated across ranks are counted twice")
         rows = merge_rank_rows(all_gather_objects(local))
         self.test_outputs = {
-            name: ScoredSet(target=target.astype(np.int64), student=student, teacher=teacher)
-            for name, (_, student, target, teacher) in rows.items()
+            name: ScoredSet(
+                target=columns[2].astype(np.int64),
+                student=columns[1],
+                teacher=columns[3],
+                category_student=columns[4] if len(columns) > 4 else None,
+                category_target=columns[5].astype(np.int64) if len(columns) > 5 else None,
+                category_teacher=columns[6] if len(columns) > 6 else None,
+            )
+            for name, columns in rows.items()
         }
         per_metric: dict[str, list[float]] = {}
         for name in self.test_names:
@@ -339,13 +433,52 @@ class DistillationModule(L.LightningModule):
             self.log(
                 f"test/mean/{key}", float(np.mean(values)), rank_zero_only=True, add_dataloader_idx=False
             )
+        if self.category_head is not None:
+            self._log_test_categories()
+
+    def category_results(self, scored: ScoredSet, scorer: str = "student") -> dict[str, Any]:
+        """Per category with known labels in ``scored``: the student's (or, ``scorer="teacher"``, the
+        teacher's, where it scored every such row, at the pack's threshold) metrics at the category's
+        threshold."""
+        assert scored.category_student is not None and scored.category_target is not None
+        scores = scored.category_student if scorer == "student" else scored.category_teacher
+        results = {}
+        if scores is None:
+            return results
+        thresholds = (
+            self.category_threshold_values()
+            if scorer == "student"
+            else [float(self.hparams.threshold)] * len(self.categories)  # the teacher's hard-label rule
+        )
+        for k, (category, threshold) in enumerate(zip(self.categories, thresholds)):
+            known = scored.category_target[:, k] >= 0
+            if known.any() and not np.isnan(scores[known, k]).any():
+                results[category["name"]] = set_metrics(
+                    scored.category_target[known, k], scores[known, k], threshold
+                )
+        return results
+
+    def _log_test_categories(self) -> None:
+        for name in self.test_names:
+            scored = self.test_outputs.get(name)
+            if scored is None or scored.category_target is None:
+                continue
+            for category, metrics in self.category_results(scored).items():
+                prefix = f"test/{name}/category/{metric_name(category)}"
+                values = {key: getattr(metrics, key) for key in CATEGORY_METRICS}
+                values["positives"] = metrics.n_unsafe
+                for key, value in values.items():
+                    if value is not None:
+                        self.log(
+                            f"{prefix}/{key}", float(value), rank_zero_only=True, add_dataloader_idx=False
+                        )
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         # Biases and normalisation weights (the 1-D parameters) get no weight decay, as in the
         # HarmAug/BERT recipe; matching by shape also covers norms not named "LayerNorm".
         decay, plain = [], []
-        for param in self.student.parameters():
+        for param in self.parameters():
             if param.requires_grad:
                 (plain if param.ndim < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(

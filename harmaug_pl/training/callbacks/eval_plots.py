@@ -46,6 +46,10 @@ class EvalPlots(L.Callback):
             figure = self.figure(name, scored, calibrated_threshold(pl_module))
             logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}.png")
             plt.close(figure)
+            if scored.category_target is not None and hasattr(pl_module, "category_results"):
+                figure = category_figure(name, pl_module.category_results(scored))
+                logger.experiment.log_figure(logger.run_id, figure, f"plots/{name}_categories.png")
+                plt.close(figure)
 
     def figure(self, name: str, scored: ScoredSet, calibrated: float | None = None) -> plt.Figure:
         from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay
@@ -105,3 +109,21 @@ class EvalPlots(L.Callback):
         ax.set_xlabel(f"{label} P(unsafe)")
         ax.set_title(f"{label} scores by human label")
         ax.legend()
+
+
+def category_figure(name: str, results: dict[str, Any]) -> plt.Figure:
+    """Per category: AUPRC and F1 at its threshold as bars, each labelled with its positive count."""
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4.5))
+    x = range(len(names))
+    for offset, metric in ((-0.2, "auprc"), (0.2, "f1")):
+        values = [getattr(results[n], metric) or 0.0 for n in names]
+        ax.bar([i + offset for i in x], values, width=0.4, label=metric.upper())
+    for i, n in enumerate(names):
+        ax.text(i, 1.02, f"{results[n].n_unsafe} pos", ha="center", fontsize=8)
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_title(f"{name}: per category (human labels; F1 at each category's threshold)")
+    ax.legend()
+    fig.tight_layout()
+    return fig

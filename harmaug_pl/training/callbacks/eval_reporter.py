@@ -11,11 +11,29 @@ import lightning as L
 from harmaug_pl.data.presets import load_preset
 from harmaug_pl.errors import ConfigError
 from harmaug_pl.evaluation.metrics import ScoredSet
-from harmaug_pl.evaluation.report import EvalReport
+from harmaug_pl.evaluation.report import CategoryRow, EvalReport
 from harmaug_pl.training.callbacks.eval_plots import calibrated_threshold
 from harmaug_pl.training.callbacks.mlflow_logging import mlflow_logger
 
 log = logging.getLogger(__name__)
+
+
+def category_rows(pl_module: L.LightningModule, outputs: dict[str, ScoredSet]) -> list[CategoryRow]:
+    """Per eval set with category labels and per category: the student's metrics and threshold."""
+    if getattr(pl_module, "category_head", None) is None:
+        return []
+    calibrated = [v == v for v in pl_module.category_thresholds.tolist()]  # NaN: not calibrated
+    source = {c["name"]: "val" if ok else "fallback" for c, ok in zip(pl_module.categories, calibrated)}
+    openai = {c["name"]: c.get("openai") for c in pl_module.categories}
+    return [
+        CategoryRow(
+            set_name, scorer, name, openai[name], source[name] if scorer == "student" else "pack", metrics
+        )
+        for set_name, scored in outputs.items()
+        if scored.category_target is not None
+        for scorer in ("student", "teacher")
+        for name, metrics in pl_module.category_results(scored, scorer).items()
+    ]
 
 
 class EvalReporter(L.Callback):
@@ -51,6 +69,7 @@ class EvalReporter(L.Callback):
             unlabelled=getattr(datamodule, "eval_unlabelled", {}),
             ece_bins=self.ece_bins,
             skipped=getattr(datamodule, "eval_skipped", {}),
+            categories=category_rows(pl_module, outputs),
         )
         ckpt = trainer.ckpt_path
         weights = str(Path(ckpt).resolve()) if ckpt and Path(ckpt).is_file() else ckpt

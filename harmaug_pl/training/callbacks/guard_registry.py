@@ -66,6 +66,7 @@ class GuardRegistry(L.Callback):
                 Path(tmp) / "guard",
                 settings,
                 StudentExport.card(trainer, pl_module),
+                pl_module.guard_categories() if hasattr(pl_module, "guard_categories") else None,
             )
             self.result = log_guard_model(
                 folder,

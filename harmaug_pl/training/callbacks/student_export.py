@@ -10,7 +10,11 @@ from typing import Any
 import lightning as L
 
 from harmaug_pl.errors import ConfigError
-from harmaug_pl.training.callbacks.mlflow_logging import log_augmentation_stats, mlflow_logger
+from harmaug_pl.training.callbacks.mlflow_logging import (
+    log_augmentation_stats,
+    log_dataset_inputs,
+    mlflow_logger,
+)
 from harmaug_pl.training.checkpoints import best_checkpoint, checkpoint_weights
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class StudentExport(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         log_augmentation_stats(trainer, getattr(trainer.datamodule, "augmentation_stats", {}))
+        log_dataset_inputs(trainer)
 
     @staticmethod
     def card(
@@ -92,9 +97,10 @@ class StudentExport(L.Callback):
         checkpoint = best_checkpoint(trainer)
         card = self.card(trainer, pl_module, checkpoint)
         with checkpoint_weights(pl_module, checkpoint):
-            write_guard_folder(pl_module.student, tokenizer, self.export_dir, settings, card)
+            categories = pl_module.guard_categories() if hasattr(pl_module, "guard_categories") else None
+            write_guard_folder(pl_module.student, tokenizer, self.export_dir, settings, card, categories)
             if self.formats:
-                reference = Guard.from_model(pl_module.student, tokenizer, settings)
+                reference = Guard.from_model(pl_module.student, tokenizer, settings, categories)
                 export(self.export_dir, reference, formats=("hf", *self.formats))
                 pl_module.student.train(pl_module.training)  # Guard.from_model set eval mode
             log.info("student exported to %s (%s)", self.export_dir, card["source"])
