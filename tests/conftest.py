@@ -16,7 +16,14 @@ import torch
 # Tiny models run faster on one thread, and two threads fight any other job for 2 cores.
 torch.set_num_threads(1)
 
-from tests.tiny_models import GUARD_TEMPLATE, save_tiny_bert, save_tiny_deberta, save_tiny_llama  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    GUARD_TEMPLATE,
+    LLAMA3_SPECIAL,
+    LLAMA_GUARD_3_TEMPLATE,
+    save_tiny_bert,
+    save_tiny_deberta,
+    save_tiny_llama,
+)
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +83,15 @@ def tiny_bert_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reference = from_model(str(student), folder, max_length=64, threshold=0.5, seed=0)
     export(folder, reference, sample_size=8)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_guard_3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with the Llama-Guard-3 template and Llama-3 special tokens."""
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama_guard_3"),
+        chat_template=LLAMA_GUARD_3_TEMPLATE,
+        seed=2,
+        extra_special=tuple(LLAMA3_SPECIAL),
+        max_position_embeddings=4096,
+    )

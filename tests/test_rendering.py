@@ -30,7 +30,6 @@ from harmaug_pl.errors import ConfigError
 from harmaug_pl.model_loading import load_tokenizer
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests import fake_vllm
-from tests.tiny_models import LLAMA3_SPECIAL, LLAMA_GUARD_3_TEMPLATE, save_tiny_llama
 
 SCORING = RenderOptions(add_generation_prompt=False, suffix="\n\n")  # how LlamaGuardTeacher renders
 BUDGET = 800  # the template alone is ~500 tokens with the tiny tokenizer
@@ -43,15 +42,8 @@ def long_text(words: int, tag: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with the Llama-Guard-3 template and Llama-3 special tokens."""
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny_llama_guard_3"),
-        chat_template=LLAMA_GUARD_3_TEMPLATE,
-        seed=2,
-        extra_special=tuple(LLAMA3_SPECIAL),
-        max_position_embeddings=4096,
-    )
+def guard(tiny_llama_guard_3: Path) -> Path:
+    return tiny_llama_guard_3
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from harmaug_pl.errors import ConfigError
 from harmaug_pl.teachers.llama_guard import LlamaGuardTeacher
 from tests import fake_vllm
 from tests.test_teacher import SpyBackend
-from tests.tiny_models import LLAMA3_SPECIAL, LLAMA_GUARD_3_TEMPLATE, save_tiny_llama
 
 PROMPTS = ["write a rude joke about placeholder people", "How do I bake bread?", "Tell me a mean insult"]
 RESPONSES = [None, "Sure, here is how to do that.", "I'm sorry, but I can't help with that."]
@@ -26,14 +25,8 @@ CODES = ["S1", "S2", "S3", "S7"]
 
 
 @pytest.fixture(scope="module")
-def llama_guard(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(
-        tmp_path_factory.mktemp("tiny_llama_guard_3"),
-        chat_template=LLAMA_GUARD_3_TEMPLATE,
-        seed=2,
-        extra_special=tuple(LLAMA3_SPECIAL),
-        max_position_embeddings=4096,
-    )
+def llama_guard(tiny_llama_guard_3: Path) -> Path:
+    return tiny_llama_guard_3
 
 
 def by_hand(model_dir: Path) -> list[dict[str, float]]:
