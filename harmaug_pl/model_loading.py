@@ -15,13 +15,16 @@ is never asked (see :func:`load_model`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import pickle  # only for its UnpicklingError: nothing here unpickles
 import re
+import shutil
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -431,3 +434,52 @@ def build_sequence_classifier(
         config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
     return model.eval()
+
+
+def _file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_as_safetensors(ref: str, cache_dir: str | Path) -> str:
+    """A safetensors folder (weights, config, tokenizer) of the GGUF model ``ref``, written once.
+
+    For engines that do not read GGUF (vLLM). The folder is keyed by the file's SHA-256, not its path:
+    a reinstalled package re-uses it, a changed file gets a new one. Weights are dequantized to
+    float32 exactly as :func:`load_causal_lm` loads them for the transformers backend, so both
+    engines run the same numbers. Written to a temporary folder and renamed under a file lock: a crash
+    or a second process never leaves (or reads) a half-written folder.
+    """
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM
+
+    path, gguf_file = resolve_model(ref)
+    if gguf_file is None:
+        raise ConfigError(f"model {ref!r} is not a .gguf file; it needs no conversion")
+    file = Path(path) / gguf_file
+    cache = Path(cache_dir).expanduser()
+    target = cache / f"{file.stem}-{_file_sha256(file)[:16]}"
+    if target.is_dir():
+        return str(target)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.is_dir():
+            return str(target)
+        log.info("converting the GGUF model %r to safetensors in %s (once)", ref, target)
+        tokenizer = load_tokenizer(ref)
+        quantized = load_causal_lm(ref, dtype="float32")
+        config = quantized.config
+        config.__dict__.pop("quantization_config", None)  # the GGUF marker: save_pretrained refuses it
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict(), strict=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache))
+        try:
+            plain.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
+            scratch.rename(target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)

@@ -17,6 +17,7 @@ were built. ``LLM.generate`` scores when ``logprob_token_ids`` is set and genera
 from __future__ import annotations
 
 import os
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,8 +62,23 @@ class Recorder:
     generate_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
-def make_module(*, with_logprob_token_ids: bool = True, drop_requested: bool = False) -> types.ModuleType:
-    """A fresh fake ``vllm``; ``with_logprob_token_ids=False`` mimics a vLLM from before that field."""
+class Platform:
+    """``vllm.platforms.current_platform``'s part the backend reads (``vllm/platforms/interface.py``)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+
+def make_module(
+    *, with_logprob_token_ids: bool = True, drop_requested: bool = False, device_type: str = "cuda"
+) -> types.ModuleType:
+    """A fresh fake ``vllm``; ``with_logprob_token_ids=False`` mimics a vLLM from before that field.
+
+    Its ``platforms`` submodule reports ``device_type``; put it in ``sys.modules["vllm.platforms"]``
+    beside the module (:func:`install`)."""
     fields = [f for f in SAMPLING_FIELDS if with_logprob_token_ids or f != "logprob_token_ids"]
     recorder = Recorder()
 
@@ -128,4 +144,13 @@ def make_module(*, with_logprob_token_ids: bool = True, drop_requested: bool = F
     module.LLM = LLM
     module.SamplingParams = SamplingParams
     module.recorder = recorder
+    module.platforms = types.ModuleType("vllm.platforms")
+    module.platforms.current_platform = Platform(device_type)
     return module
+
+
+def install(monkeypatch: Any, module: types.ModuleType | None) -> None:
+    """Make ``module`` (``None``: no vLLM at all) what ``import vllm`` and ``vllm.platforms`` give for one
+    test; undone after it, so a real vLLM imported elsewhere is never mixed with the fake."""
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", None if module is None else module.platforms)

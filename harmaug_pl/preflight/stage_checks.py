@@ -22,14 +22,7 @@ class StageChecks(MemoryChecks):
         source = self._model(backend.model_id, f"{setting}.init_args.model")
         if not source.resolved:
             return None
-        if source.gguf_file and vllm:
-            self.add(
-                "weights",
-                f"{stage} {backend.model_id}",
-                "blocker",
-                "vLLM takes a model folder or hub id, not a GGUF file",
-                f"use harmaug_pl.backends.TransformersBackend at {setting}",
-            )
+        if source.gguf_file and vllm and not self._gguf_copy(stage, backend, setting):
             return None
         local = self._tokenizer(source, backend.templates if vllm else backend)
         if vllm:
@@ -37,6 +30,29 @@ class StageChecks(MemoryChecks):
         else:
             self._transformers_memory(stage, backend, source, batch_size, new_tokens)
         return local
+
+    def _gguf_copy(self, stage: str, backend: VLLMBackend, setting: str) -> bool:
+        """A ``weights`` row for a GGUF model on vLLM: it needs the backend's ``gguf_dir``."""
+        gguf_dir = backend.settings["gguf_dir"]
+        subject = f"{stage} {backend.model_id}"
+        if gguf_dir is None:
+            self.add(
+                "weights",
+                subject,
+                "blocker",
+                "vLLM takes a model folder or hub id, not a GGUF file",
+                f"set {setting}.init_args.gguf_dir (a folder for its safetensors copy, made once), or use "
+                f"harmaug_pl.backends.TransformersBackend at {setting}",
+            )
+            return False
+        self.add(
+            "weights",
+            subject,
+            "ok",
+            f"GGUF: converted once to safetensors under {gguf_dir} (keyed by the file's content hash; "
+            "about a minute the first time)",
+        )
+        return True
 
     def _backend_rows(self, backend: Any, role: str) -> list[CheckRow]:
         """Rows for a backend that loads nothing here: a served model's (from its endpoint probe), or

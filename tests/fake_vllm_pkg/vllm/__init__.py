@@ -13,3 +13,4 @@ from tests.fake_vllm import make_module
 
 torch.cuda.is_available = lambda: True
 sys.modules[__name__] = make_module()
+sys.modules[__name__ + ".platforms"] = sys.modules[__name__].platforms
