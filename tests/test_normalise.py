@@ -14,8 +14,10 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, pipeline
 
 from harmaug_pl.data.normalise import GENERIC_CLASS, has_normaliser, install_normaliser
+from harmaug_pl.deploy.export import main as export_main
 from harmaug_pl.deploy.export import write_guard_folder
 from harmaug_pl.deploy.guard import Guard, GuardSettings
+from harmaug_pl.errors import ConfigError
 from harmaug_pl.model_loading import load_tokenizer
 from tests.test_datamodule import tiny_datamodule
 from tests.tiny_models import build_tokenizer
@@ -144,3 +146,17 @@ def test_the_data_module_trains_on_what_it_exports(tmp_path: Path, normalise_tex
         tmp_path, Path(load_tokenizer(MINILM).name_or_path), normalise_text=normalise_text
     )
     assert has_normaliser(module.tokenizer) is normalise_text
+
+
+def test_harmaug_export_adds_the_normaliser_to_a_folder_exported_before(
+    tmp_path: Path, folders: dict[str, Path]
+) -> None:
+    export_main(["--model", str(folders["before"]), "--out", str(tmp_path / "new"), "--formats", "hf"])
+    assert not has_normaliser(load_tokenizer(str(tmp_path / "new")))  # kept as saved by default
+    argv = ["--model", str(folders["before"]), "--out", str(tmp_path / "n"), "--formats", "hf"]
+    export_main([*argv, "--normalise_text", "true"])
+    assert has_normaliser(load_tokenizer(str(tmp_path / "n")))
+    with pytest.raises(ConfigError, match="already normalises"):
+        export_main(
+            ["--model", str(tmp_path / "n"), "--out", str(tmp_path / "m"), "--normalise_text", "false"]
+        )
