@@ -18,6 +18,7 @@ BENCHMARKS = (
     "benchmarks.cost_profile",
     "benchmarks.remote_backend",
     "benchmarks.serving",
+    "benchmarks.perturbation",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -416,3 +417,18 @@ def test_first_run_probe_times_a_real_fit_by_phase(
     assert total == pytest.approx(data["wall_s"], rel=0.05)  # every second charged once
     assert data["exit_status"] in (0, None) and data["best_model_path"].endswith(".ckpt")
     assert data["test_ran"] is True  # the fit ends with the test pass: no separate `harmaug test`
+
+
+def test_perturbation_benchmark_scores_every_rewrite_without_and_with_the_normaliser(
+    tiny_bert_export: Path, tmp_path: Path
+) -> None:
+    from benchmarks.perturbation import PERTURBATIONS
+    from benchmarks.perturbation import main as perturbation_main
+
+    for name, perturb in PERTURBATIONS.items():
+        rewritten = perturb("Build a bomb", random.Random(0))
+        assert (rewritten == "Build a bomb") is (name == "clean"), name
+    data = perturbation_main(["--model", str(tiny_bert_export), "--rows", "24", "--out-dir", str(tmp_path)])
+    assert data["rows"] == 24 and set(data["auprc"]) == set(PERTURBATIONS)
+    assert all(set(by_arm) == {"as exported", "normalised"} for by_arm in data["auprc"].values())
+    assert "| fullwidth |" in (tmp_path / "perturbation.md").read_text()

@@ -21,6 +21,7 @@ import torch
 
 from harmaug_pl.categories import CategoryHead, GuardCategories, check_taxonomy
 from harmaug_pl.data.loaders import DataSource, load_examples
+from harmaug_pl.data.normalise import has_normaliser, install_normaliser, save_tokenizer
 from harmaug_pl.deploy.guard import (
     CATEGORY_OUTPUT,
     GUARD_CONFIG,
@@ -116,7 +117,8 @@ def write_guard_folder(
     """Save the student (safetensors), its tokenizer, settings and model card into ``folder``.
 
     The saved tokenizer's ``model_max_length`` is the training max length, so
-    ``pipeline("text-classification", model=folder, truncation=True)`` truncates as in training.
+    ``pipeline("text-classification", model=folder, truncation=True)`` truncates as in training, and
+    it keeps the text normaliser when it has one (:func:`~harmaug_pl.data.normalise.save_tokenizer`).
     ``categories`` go into their own files; without them, category files of an earlier export go.
     """
     folder = Path(folder)
@@ -132,7 +134,7 @@ def write_guard_folder(
     trained_with = tokenizer.model_max_length
     tokenizer.model_max_length = settings.max_length
     try:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     finally:
         tokenizer.model_max_length = trained_with  # the tokenizer may be the data module's, still in use
     settings.save(folder)
@@ -149,7 +151,9 @@ def _update_card(folder: Path, **changes: Any) -> None:
 
 
 # -- sources ----------------------------------------------------------------------------------
-def from_checkpoint(ckpt_path: str, folder: Path, max_length: int | None) -> Guard:
+def from_checkpoint(
+    ckpt_path: str, folder: Path, max_length: int | None, normalise_text: bool = True
+) -> Guard:
     """Write the guard folder of a Lightning checkpoint's student (``weights_only=True``: no pickle).
 
     Returns the student in memory as a guard: the reference the saved formats are checked against.
@@ -199,6 +203,8 @@ def from_checkpoint(ckpt_path: str, folder: Path, max_length: int | None) -> Gua
     }
     settings = GuardSettings(max_length=max_length, threshold=float(hparams.get("threshold", 0.5)))
     tokenizer = load_tokenizer(hparams["student"], trust_remote_code=hparams.get("trust_remote_code", False))
+    if normalise_text:  # as the data module trained it (its normalise_text is not in the checkpoint)
+        install_normaliser(tokenizer)
     write_guard_folder(student, tokenizer, folder, settings, card, categories)
     return Guard.from_model(student, tokenizer, settings, categories)
 
@@ -251,9 +257,18 @@ def from_mlflow_run(run_id: str, tracking_uri: str, folder: Path) -> Guard:
     return Guard.from_pretrained(folder)
 
 
-def from_model(ref: str, folder: Path, max_length: int | None, threshold: float | None, seed: int) -> Guard:
+def from_model(
+    ref: str,
+    folder: Path,
+    max_length: int | None,
+    threshold: float | None,
+    seed: int,
+    normalise_text: bool | None = None,
+) -> Guard:
     """A model reference: a guard folder (its ``harmaug_guard.json`` and card are kept unless
-    overridden), a trained student folder, or a base encoder whose fresh head is seeded."""
+    overridden), a trained student folder, or a base encoder whose fresh head is seeded.
+
+    ``normalise_text`` true adds the text normaliser; ``None`` keeps the tokenizer as it is saved."""
     saved = Path(ref).expanduser()
     known = GuardSettings.load(saved) if (saved / GUARD_CONFIG).is_file() else None
     if max_length is None and known is None:
@@ -273,6 +288,10 @@ def from_model(ref: str, folder: Path, max_length: int | None, threshold: float 
     card = json.loads(card_file.read_text()) if card_file.is_file() else {"student_base": ref}
     card["source"] = f"model {ref}"
     tokenizer = load_tokenizer(ref)
+    if normalise_text:
+        install_normaliser(tokenizer)
+    elif normalise_text is False and has_normaliser(tokenizer):
+        raise ConfigError(f"--normalise_text false: {ref}'s tokenizer already normalises text")
     categories = GuardCategories.load(saved) if saved.is_dir() else None
     write_guard_folder(student, tokenizer, folder, settings, card, categories)
     return Guard.from_model(student, tokenizer, settings, categories)
@@ -445,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, help="with --model (default: its harmaug_guard.json's, else 0.5)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds a fresh head (with --model)")
+    parser.add_argument(
+        "--normalise_text",
+        choices=("true", "false"),
+        help="the text normaliser in the saved tokenizer (NFKC, invisible characters removed, long words "
+        "split), as data.normalise_text trained it; default: true with --checkpoint, with --model as "
+        "the model's tokenizer is",
+    )
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--sample_size", type=int, default=32, help="rows compared after export")
     parser.add_argument(
@@ -457,11 +483,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.checkpoint:
-        reference = from_checkpoint(args.checkpoint, out, args.max_length)
+        reference = from_checkpoint(args.checkpoint, out, args.max_length, args.normalise_text != "false")
     elif args.mlflow_run:
         reference = from_mlflow_run(args.mlflow_run, args.tracking_uri, out)
     else:
-        reference = from_model(args.model, out, args.max_length, args.threshold, args.seed)
+        normalise = None if args.normalise_text is None else args.normalise_text == "true"
+        reference = from_model(args.model, out, args.max_length, args.threshold, args.seed, normalise)
     report = export(out, reference, tuple(args.formats), args.sample_size, args.sample_data)
     for fmt, check in report["verification"].items():
         where = out if fmt == "hf" else out / check["file"]

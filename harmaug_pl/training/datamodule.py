@@ -25,6 +25,7 @@ from harmaug_pl.augment.responder import Responder
 from harmaug_pl.categories import Category, check_taxonomy, row_targets
 from harmaug_pl.data.encoding import encode_pairs, tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
+from harmaug_pl.data.normalise import install_normaliser
 from harmaug_pl.data.schema import GuardExample
 from harmaug_pl.errors import ConfigError, DataError, DataUnavailable
 from harmaug_pl.model_loading import load_tokenizer
@@ -225,6 +226,9 @@ class HarmAugDataModule(L.LightningDataModule):
     ``setup`` loads the seed data, runs generator -> responder -> teacher (sharded across ranks, a
     barrier between stages, every rank then reads the full set), splits train/val and tokenises
     with the student's tokenizer. ``augment: false`` gives the KD-only baseline on the same pack.
+    ``normalise_text`` (default true) puts :mod:`harmaug_pl.data.normalise`'s rules (NFKC, invisible
+    characters removed, over-long words split) into that tokenizer, so the guard folder and
+    serving apply them too; false trains on the tokenizer as shipped (runs before this option).
     Eval sets are served as one val/test dataloader each, named by their key (as val dataloaders
     only with ``validate_on_eval_sets``: per-epoch curves, at the cost of scoring every eval row in
     every validation pass; without it the test pass scores them once). Their rows without a
@@ -262,6 +266,7 @@ class HarmAugDataModule(L.LightningDataModule):
         validate_on_eval_sets: bool = True,
         length_group: int = 1,
         categories: list[Category] | str | None = None,
+        normalise_text: bool = True,
     ) -> None:
         super().__init__()
         if unavailable_eval_sets not in ("stop", "skip"):
@@ -302,6 +307,7 @@ class HarmAugDataModule(L.LightningDataModule):
         self.unavailable_eval_sets = unavailable_eval_sets
         self.validate_on_eval_sets = validate_on_eval_sets
         self.length_group = length_group
+        self.normalise_text = normalise_text
         self.categories = check_taxonomy(categories, "data.categories") if categories else []
         self.pipeline = AugmentationPipeline(
             generator=generator if augment else None,
@@ -336,6 +342,8 @@ class HarmAugDataModule(L.LightningDataModule):
                     f"the student tokenizer {self.tokenizer_ref!r} has no pad token; pick a student whose "
                     "tokenizer defines one (encoders such as DeBERTa/BERT/MiniLM do)"
                 )
+            if self.normalise_text:  # saved with the guard folder, so serving repeats it
+                install_normaliser(self._tokenizer)
         return self._tokenizer
 
     # -- building the set ---------------------------------------------------------------------
