@@ -19,6 +19,7 @@ BENCHMARKS = (
     "benchmarks.remote_backend",
     "benchmarks.serving",
     "benchmarks.perturbation",
+    "benchmarks.hostile_input",
 )
 
 

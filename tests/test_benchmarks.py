@@ -432,3 +432,32 @@ def test_perturbation_benchmark_scores_every_rewrite_without_and_with_the_normal
     assert data["rows"] == 24 and set(data["auprc"]) == set(PERTURBATIONS)
     assert all(set(by_arm) == {"as exported", "normalised"} for by_arm in data["auprc"].values())
     assert "| fullwidth |" in (tmp_path / "perturbation.md").read_text()
+
+
+def test_hostile_input_benchmark_gets_clean_answers_and_leaves_the_server_alive(
+    tiny_bert_export: Path, tmp_path: Path
+) -> None:
+    from benchmarks.hostile_input import main as hostile_main
+
+    data = hostile_main(
+        [
+            "--student",
+            str(tiny_bert_export),
+            "--repeats",
+            "1",
+            "--read-timeout-s",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
+    statuses = {row["request"].split(" #")[0]: row["status"] for row in data["rows"]}
+    assert statuses["20 x (100k + 100k chars) /v1/classify"] == 200
+    assert statuses["lone surrogate + 31 valid, concurrent"] == 422
+    assert all("valid 200s 31/31" in r["note"] for r in data["rows"] if r["request"].startswith("lone"))
+    assert statuses['threshold "0.5"'] == 422
+    assert statuses["server alive afterwards (/ready)"] == 200
+    stalls = [r["seconds"] for r in data["rows"] if r["status"] == "closed"]
+    assert len(stalls) == 2 and all(s < 30 for s in stalls)  # the read timeout closed both
+    assert "one-row request" in (tmp_path / "hostile_input.md").read_text()
+    assert not live_children(), "the benchmark left a server running"
