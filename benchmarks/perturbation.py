@@ -14,9 +14,7 @@ difference is the tokenisation alone; a student trained with the normaliser may 
 from __future__ import annotations
 
 import argparse
-import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,54 +28,14 @@ from benchmarks.common import (
     pack_config,
     write_results,
 )
-from harmaug_pl.data.encoding import tokenize_rows
 from harmaug_pl.data.loaders import DataSource, load_examples
 from harmaug_pl.data.normalise import has_normaliser, install_normaliser
 from harmaug_pl.deploy.guard import Guard
 from harmaug_pl.evaluation.metrics import auprc
+from harmaug_pl.evaluation.perturbation import PERTURBATIONS, ScoresByTokens, perturb
 from harmaug_pl.model_loading import load_tokenizer
 
 NAME = "perturbation"
-ZERO_WIDTH = "\u200b"
-# Latin letters and the Cyrillic/Greek letters drawn the same (NFKC keeps them apart)
-HOMOGLYPHS = str.maketrans("aceopxyiAEOPCXHKMTB", "асеорхуіАЕОРСХНКМТВ")
-LEET = str.maketrans("aeiostAEIOST", "431057431057")
-
-
-def _zero_width(text: str, rng: random.Random) -> str:
-    """A zero-width space after each letter with probability 1/2 (inside words, where it splits them)."""
-    return "".join(c + ZERO_WIDTH if c.isalpha() and rng.random() < 0.5 else c for c in text)
-
-
-def _alternating_case(text: str, rng: random.Random) -> str:
-    return "".join(c.upper() if i % 2 else c.lower() for i, c in enumerate(text))
-
-
-def _fullwidth(text: str, rng: random.Random) -> str:
-    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
-
-
-def _math_bold(text: str, rng: random.Random) -> str:
-    def bold(c: str) -> str:
-        if "a" <= c <= "z":
-            return chr(0x1D41A + ord(c) - ord("a"))
-        if "A" <= c <= "Z":
-            return chr(0x1D400 + ord(c) - ord("A"))
-        return c
-
-    return "".join(bold(c) for c in text)
-
-
-PERTURBATIONS: dict[str, Callable[[str, random.Random], str]] = {
-    "clean": lambda text, rng: text,
-    "spaces removed": lambda text, rng: "".join(text.split()),
-    "zero-width characters inserted": _zero_width,
-    "homoglyphs (Cyrillic)": lambda text, rng: text.translate(HOMOGLYPHS),
-    "case (alternating)": _alternating_case,
-    "leetspeak": lambda text, rng: text.translate(LEET),
-    "fullwidth": _fullwidth,
-    "math bold": _math_bold,
-}
 
 
 def held_out_rows(pack: str, rows: int) -> tuple[str, list[str], np.ndarray]:
@@ -100,24 +58,6 @@ def arms(folder: Path) -> dict[str, Guard]:
     return {"as exported": saved, "normalised": normalised}
 
 
-class CachedScores:
-    """A guard's scores by token ids: texts that tokenise alike (most perturbations, once normalised)
-    are scored once."""
-
-    def __init__(self, guard: Guard, batch_size: int) -> None:
-        self.guard, self.batch_size, self.known = guard, batch_size, {}
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        features, _ = tokenize_rows(
-            self.guard.tokenizer, texts, [None] * len(texts), self.guard.settings.max_length
-        )
-        keys = [tuple(f["input_ids"]) for f in features]
-        new = {key: text for key, text in zip(keys, texts) if key not in self.known}
-        scores = self.guard.score(list(new.values()), batch_size=self.batch_size) if new else []
-        self.known.update(zip(new, scores))
-        return np.array([self.known[key] for key in keys])
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,14 +70,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     eval_set, prompts, labels = held_out_rows(args.pack, args.rows)
-    guards = {arm: CachedScores(guard, args.batch_size) for arm, guard in arms(Path(args.model)).items()}
+    guards = {
+        arm: ScoresByTokens(
+            guard.tokenizer,
+            guard.settings.max_length,
+            lambda texts, _responses, guard=guard: guard.score(texts, batch_size=args.batch_size),
+        )
+        for arm, guard in arms(Path(args.model)).items()
+    }
     results: dict[str, dict[str, float | None]] = {}
     started = time.perf_counter()
-    for name, perturb in PERTURBATIONS.items():
-        rng = random.Random(args.seed)
-        texts = [perturb(p, rng) for p in prompts]
-        results[name] = {arm: auprc(labels, scores(texts)) for arm, scores in guards.items()}
-        print(f"{name}: {results[name]}", flush=True)
+    no_responses = [None] * len(prompts)
+    rewrites = {"clean": list(prompts)}
+    rewrites.update({p.label: perturb(name, prompts, args.seed) for name, p in PERTURBATIONS.items()})
+    for label, texts in rewrites.items():
+        results[label] = {arm: auprc(labels, scores(texts, no_responses)) for arm, scores in guards.items()}
+        print(f"{label}: {results[label]}", flush=True)
     arm_names = list(guards)
     headers = ["perturbation", *(f"AUPRC {arm}" for arm in arm_names)]
     if len(arm_names) == 2:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -422,14 +421,11 @@ def test_first_run_probe_times_a_real_fit_by_phase(
 def test_perturbation_benchmark_scores_every_rewrite_without_and_with_the_normaliser(
     tiny_bert_export: Path, tmp_path: Path
 ) -> None:
-    from benchmarks.perturbation import PERTURBATIONS
     from benchmarks.perturbation import main as perturbation_main
+    from harmaug_pl.evaluation.perturbation import PERTURBATIONS
 
-    for name, perturb in PERTURBATIONS.items():
-        rewritten = perturb("Build a bomb", random.Random(0))
-        assert (rewritten == "Build a bomb") is (name == "clean"), name
     data = perturbation_main(["--model", str(tiny_bert_export), "--rows", "24", "--out-dir", str(tmp_path)])
-    assert data["rows"] == 24 and set(data["auprc"]) == set(PERTURBATIONS)
+    assert data["rows"] == 24 and set(data["auprc"]) == {"clean", *(p.label for p in PERTURBATIONS.values())}
     assert all(set(by_arm) == {"as exported", "normalised"} for by_arm in data["auprc"].values())
     assert "| fullwidth |" in (tmp_path / "perturbation.md").read_text()
 

@@ -385,6 +385,7 @@ def test_cli_test_reports_student_and_teacher_measured_in_the_same_run(
     }
     pack["trainer"]["max_epochs"] = 1
     pack["data"]["init_args"]["generator"]["init_args"]["num_instructions"] = 3
+    pack["report"] = {"perturbations": ["spaces", "leetspeak"]}  # off in cpu_tiny itself
     override.write_text(yaml.safe_dump(pack))
     common = ["--config", "cpu_tiny", "--config", str(override)]
     main(["fit", *common])  # the pack's test_after_fit: the report goes into the fit's run
@@ -404,6 +405,11 @@ def test_cli_test_reports_student_and_teacher_measured_in_the_same_run(
     client = mlflow.MlflowClient()
     report = Path(client.download_artifacts(test_run.info.run_id, "report/eval_report.md")).read_text()
     assert "| teacher @ 0.5 (measured) | 0.8571 |" in report
+    assert (
+        "| set | n | clean | spaces removed | leetspeak |\n" in report and "| oai_placeholder | 8 |" in report
+    )
+    for name in ("spaces", "leetspeak"):
+        assert 0.0 <= metrics[f"report/oai_placeholder/student_perturbed/{name}/auprc"] <= 1.0
     assert f"DeBERTa-v3-large + HarmAug 435M: {PUBLISHED_TAG}" in report
     table = Path(client.download_artifacts(test_run.info.run_id, "report/eval_report.csv")).read_text()
     assert "oai_placeholder,teacher,0,8,4,0.5," in table

@@ -451,8 +451,59 @@ def test_hub_answers_are_read_and_one_failure_stops_further_requests(
     monkeypatch.setattr(HfApi, "model_info", unreachable)
     hub = HubLookup(offline=False)
     for repo in ("org/a", "org/b", "org/c"):
-        assert "unreachable (ConnectionError: no route to host)" in (hub.model(repo, "x").problem or "")
+        source = hub.model(repo, "x")
+        assert (
+            "unreachable (ConnectionError: no route to host)" in (source.problem or "") and source.transient
+        )
     assert hub.requests == 1
+
+
+def hub_error(status: int) -> Exception:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    response = httpx2.Response(
+        status, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/absent")
+    )
+    kind = RepositoryNotFoundError if status == 404 else HfHubHTTPError
+    return kind(f"{status} from the hub", response=response)
+
+
+@pytest.mark.parametrize(
+    ("failure", "status"),
+    [
+        ("timeout", "warn"),
+        ("connect", "warn"),
+        (503, "warn"),
+        (429, "warn"),
+        (404, "blocker"),
+        ("offline", "blocker"),
+    ],
+)
+def test_a_hub_failure_the_load_retries_is_a_warning_not_a_blocker(
+    failure: Any,
+    status: str,
+    packs: dict[str, dict[str, Any]],
+    offline_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blip on one rank must not stop the launch: huggingface_hub retries these when it loads."""
+    import httpx2
+    from huggingface_hub import HfApi
+
+    raised = {
+        "timeout": httpx2.ConnectTimeout("timed out"),
+        "connect": httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"),
+    }.get(failure) or (hub_error(failure) if isinstance(failure, int) else None)
+
+    def lookup(self: Any, repo_id: str, timeout: float | None = None) -> Any:
+        raise raised  # type: ignore[misc]
+
+    monkeypatch.setattr(HfApi, "model_info", lookup)
+    config = edit(packs["cpu_tiny"], "model.init_args.student", "org/absent")
+    row = the_row(rows_of(config, quick=True, offline=failure == "offline"), "model", "org/absent")
+    assert row.status == status, row
+    assert ("the load retries" in row.detail) == (status == "warn"), row.detail
 
 
 # -- `harmaug check` as typed --------------------------------------------------------------------

@@ -238,8 +238,8 @@ class HarmAugCLI(LightningCLI):
     def _preflight(self) -> None:
         """The automatic preflight, on the parsed configuration: the student loads when its module is
         built, so a check after instantiation would come after the failure it should prevent. Every
-        rank checks (its own node's caches and disks), so under SLURM all ranks stop alike instead of
-        the others waiting for a rank that exited."""
+        rank checks (its own node's caches and disks); under torchrun and srun the ranks exchange their
+        verdicts first, so all stop alike (:mod:`harmaug_pl.preflight.ranks`)."""
         if self.subcommand not in PREFLIGHT_COMMANDS or os.environ.get(PREFLIGHT_ENV, "1") == "0":
             return
         config = self.config[self.subcommand]

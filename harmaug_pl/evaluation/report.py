@@ -4,7 +4,9 @@ Two tables. The summary has the paper's Table 1 layout (F1 per benchmark, mean F
 over the paper's sets, plus XSTest over-refusal); its measured rows come from this run and its
 published rows are copied from the paper and say so. The detail table has every metric for every
 set, scorer and threshold. Both render as markdown and CSV; :meth:`EvalReport.metrics` gives the
-numbers as flat MLflow metric names.
+numbers as flat MLflow metric names. With ``perturbed`` (``report.perturbations``), a third table:
+the student's AUPRC on each set with its texts rewritten (:mod:`harmaug_pl.evaluation.perturbation`),
+beside the clean number.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from harmaug_pl.data.presets import EvalSetPreset
 from harmaug_pl.evaluation.metrics import ScoredSet, SetMetrics, set_metrics
+from harmaug_pl.evaluation.perturbation import PERTURBATIONS
 
 PAPER_COLUMNS = ("OAI", "ToxicChat", "HarmBench", "WildGuardMix")
 # HarmAug (arXiv 2410.01524) Table 1, F1 per set, mean F1, mean AUPRC (None: not published).
@@ -73,6 +76,9 @@ class EvalReport:
     calibrated_threshold: float | None
     skipped: dict[str, str] = field(default_factory=dict)  # eval sets left out: name -> why
     categories: list[CategoryRow] = field(default_factory=list)  # per category, sets with their labels
+    perturbed: dict[str, dict[str, float | None]] = field(
+        default_factory=dict
+    )  # set -> perturbation -> AUPRC
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
@@ -86,6 +92,7 @@ class EvalReport:
         ece_bins: int = 10,
         skipped: dict[str, str] | None = None,
         categories: list[CategoryRow] | None = None,
+        perturbed: dict[str, dict[str, float | None]] | None = None,
     ) -> EvalReport:
         """Score the student at both thresholds and the teacher at ``threshold`` on every set."""
         rows = []
@@ -105,6 +112,7 @@ class EvalReport:
             calibrated_threshold,
             dict(skipped or {}),
             list(categories or []),
+            dict(perturbed or {}),
         )
 
     def scorers(self) -> list[str]:
@@ -195,6 +203,13 @@ class EvalReport:
             f"## Evaluation summary\n\n{_markdown(*summary)}\n\n"
             f"## Per set\n\n{_markdown(*detail)}\n\n{notes}\n"
         )
+        if self.perturbed:
+            text += f"\n## Under perturbation (student AUPRC)\n\n{_markdown(*self.perturbation_table())}\n\n"
+            text += (
+                "Every prompt and response of the set's labelled rows rewritten the same way, scored by "
+                "the same student (its tokenizer as exported, normaliser included when the pack sets "
+                "data.normalise_text); in brackets the change from clean.\n"
+            )
         if self.categories:
             text += f"\n## Per category (human category labels)\n\n{_markdown(*self.category_table())}\n\n"
             text += (
@@ -236,6 +251,22 @@ class EvalReport:
         ]
         return header, rows
 
+    def perturbation_table(self) -> tuple[list[str], list[list[str]]]:
+        """One row per set: clean AUPRC, then each perturbation's with its change from clean."""
+        names = list(dict.fromkeys(name for by_name in self.perturbed.values() for name in by_name))
+        header = ["set", "n", "clean", *(PERTURBATIONS[name].label for name in names)]
+        rows = []
+        for set_name, by_name in self.perturbed.items():
+            clean = self._get(set_name, "student")
+            clean_auprc = clean.auprc if clean else None
+            cells = [set_name, _fmt(clean.n if clean else None), _fmt(clean_auprc)]
+            for name in names:
+                value = by_name.get(name)
+                change = "" if value is None or clean_auprc is None else f" ({value - clean_auprc:+.4f})"
+                cells.append(_fmt(value) + change)
+            rows.append(cells)
+        return header, rows
+
     def to_csv(self) -> str:
         """The detail table, one row per set, scorer and threshold (empty cell: undefined)."""
         buffer = io.StringIO()
@@ -250,7 +281,8 @@ class EvalReport:
         return buffer.getvalue()
 
     def metrics(self) -> dict[str, float]:
-        """``report/<set>/<scorer>/<metric>``, ``report/mean/<scorer>/{f1,auprc}``; undefined: left out."""
+        """``report/<set>/<scorer>/<metric>``, ``report/mean/<scorer>/{f1,auprc}``,
+        ``report/<set>/student_perturbed/<perturbation>/auprc``; undefined: left out."""
         flat: dict[str, float] = {}
         for row in self.rows:
             for key, value in row.metrics.as_dict().items():
@@ -261,4 +293,8 @@ class EvalReport:
                 value = self.mean(scorer, metric)
                 if value is not None:
                     flat[f"report/mean/{scorer}/{metric}"] = value
+        for set_name, by_name in self.perturbed.items():
+            for name, value in by_name.items():
+                if value is not None:
+                    flat[f"report/{set_name}/student_perturbed/{name}/auprc"] = float(value)
         return flat

@@ -3,7 +3,9 @@
 The caches are read with huggingface_hub's and datasets' own layouts (``try_to_load_from_cache``,
 ``<namespace>___<name>/<config>/<version>/<hash>``); the hub is asked only about what is not
 cached, never with ``HF_HUB_OFFLINE=1``, each request bounded by a timeout, and not again once it
-was unreachable, so a check costs seconds with or without a network.
+was unreachable, so a check costs seconds with or without a network. A failure the loaders retry
+(a timeout, a dropped connection, 408/429/5xx) makes a warning, not a blocker: it says nothing about
+whether the load will succeed, and one rank's passing blip must not stop a launch (``ranks``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,21 @@ from harmaug_pl.package_refs import is_package_ref, resolve_package_path
 from harmaug_pl.preflight import DEFAULT_TIMEOUT_S
 
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+# The statuses huggingface_hub's downloads retry with back-off (``utils._http``'s defaults), as do
+# its network errors below: the load tries again, so the preflight does not stop on them.
+RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRIED_NOTE = "a failure the load retries (it may pass then)"
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a hub request failed in a way huggingface_hub's loaders retry."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        return getattr(err.response, "status_code", None) in RETRIED_STATUS
+    retried = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
+    return isinstance(err, (*retried, TimeoutError, ConnectionError))
 
 
 def _env_true(*names: str) -> bool:
@@ -50,6 +67,7 @@ class ModelSource:
     folder: Path | None = None
     problem: str | None = None
     fix: str | None = None
+    transient: bool = False  # the problem is a failure the load retries: a warning, not a blocker
 
     @property
     def resolved(self) -> bool:
@@ -73,6 +91,7 @@ class HubLookup:
         if offline is None:
             offline = constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
         self.unreachable: str | None = "not asked: HF_HUB_OFFLINE=1" if offline else None
+        self.transient = False  # whether ``unreachable`` is a failure the loaders retry
         self.requests = 0
 
     # -- models ----------------------------------------------------------------------------------
@@ -108,7 +127,7 @@ class HubLookup:
                 files=cached_files,
                 folder=snapshot,
             )
-        remote, problem, fix = self._remote_files(repo_id, "model")
+        remote, problem, fix, transient = self._remote_files(repo_id, "model")
         if remote is not None:
             where = "hub (config cached, weights not yet)" if snapshot else "hub (not cached yet; downloads)"
             return ModelSource(repo_id, where, load_from=str(snapshot) if snapshot else repo_id, files=remote)
@@ -117,6 +136,7 @@ class HubLookup:
             repo_id,
             "hub",
             problem=f"the HF cache ({cache}) holds {cached_what} of it, and {problem}",
+            transient=transient,
             fix=fix
             or (
                 f"where the hub is reachable run `hf download {repo_id}` (with the same HF_HUB_CACHE, or "
@@ -137,11 +157,11 @@ class HubLookup:
                 f"{label} is in the datasets cache without split {split!r} (cached splits: {sorted(cached)})",
                 f"set {setting}.split to one of {sorted(cached)}",
             )
-        remote, problem, fix = self._remote_files(name, "dataset")
+        remote, problem, fix, transient = self._remote_files(name, "dataset")
         if remote is not None:
             return DataState("ok", f"{label}: on the hub (not cached yet; downloads)")
         return DataState(
-            "blocker",
+            "warn" if transient else "blocker",
             f"{label}: not in the datasets cache, and {problem}",
             fix
             or (
@@ -151,8 +171,9 @@ class HubLookup:
         )
 
     # -- the hub ---------------------------------------------------------------------------------
-    def _remote_files(self, repo_id: str, repo_type: str) -> tuple[list[str] | None, str, str]:
-        """``(file names, "", "")`` when the hub serves the repo to us, else ``(None, problem, fix)``."""
+    def _remote_files(self, repo_id: str, repo_type: str) -> tuple[list[str] | None, str, str, bool]:
+        """``(file names, "", "", False)`` when the hub serves the repo to us, else ``(None, problem,
+        fix, transient)``."""
         from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -162,26 +183,31 @@ class HubLookup:
         try:
             info = self._request(lambda: info_of(repo_id, timeout=self.timeout))
             if info is None:
-                return None, f"the hub is unreachable ({self.unreachable})", ""
+                note = f"; {RETRIED_NOTE}" if self.transient else ""
+                return None, f"the hub is unreachable ({self.unreachable}){note}", "", self.transient
             files = sorted(sibling.rfilename for sibling in info.siblings or [])
             if info.gated and files:  # the listing is public; downloading needs the licence accepted
                 probe = hf_hub_url(repo_id, files[0], repo_type=repo_type)
                 self._request(lambda: get_hf_file_metadata(probe, timeout=self.timeout))
-            return files, "", ""
+            return files, "", "", False
         except GatedRepoError:
             return (
                 None,
                 "it is gated and this account has not been granted access",
                 (f"accept its licence at {url} and log in (`hf auth login`, or set HF_TOKEN)"),
+                False,
             )
         except RepositoryNotFoundError:
             return (
                 None,
                 "the hub has no such repository (or it is private to another account)",
                 (f"check the id; for a private repository log in (`hf auth login`) ({url})"),
+                False,
             )
         except HfHubHTTPError as err:
-            return None, f"the hub answered {first_line(err)}", ""
+            transient = is_transient(err)
+            note = f"; {RETRIED_NOTE}" if transient else ""
+            return None, f"the hub answered {first_line(err)}{note}", "", transient
 
     def _request(self, call: Callable[[], Any]) -> Any:
         """One bounded hub request; after a network failure, no further ones (returns ``None``)."""
@@ -196,6 +222,7 @@ class HubLookup:
             raise
         except Exception as err:
             self.unreachable = f"{type(err).__name__}: {first_line(err, 160)}"
+            self.transient = is_transient(err)
             return None
 
 

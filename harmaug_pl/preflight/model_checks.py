@@ -23,7 +23,8 @@ class ModelChecks(CheckContext):
         source = self.hub.model(ref, setting)
         subject = self._subject(ref)
         if not source.resolved:
-            self.add("model", subject, "blocker", source.problem or "", source.fix or "")
+            status = "warn" if source.transient else "blocker"
+            self.add("model", subject, status, source.problem or "", source.fix or "")
             return source
         where = f"{source.where}: {source.folder}" if source.folder else source.where
         self.add("model", subject, "ok", where)
