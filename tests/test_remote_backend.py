@@ -457,6 +457,27 @@ def test_persistent_faults_fail_in_one_line_naming_endpoint_and_row(
     remote.close()
 
 
+def test_a_dead_server_fails_the_batch_after_one_retry_budget(
+    tiny_llama: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rows not yet started when a row fails are not started: no second wave of retries."""
+    remote = backend(
+        f"http://127.0.0.1:{free_port()}/v1",
+        "gen",
+        tiny_llama,
+        max_retries=2,
+        retry_backoff=0.01,
+        max_concurrency=2,
+    )
+    chats = [[{"role": "user", "content": f"Placeholder request number {i}"}] for i in range(6)]
+    with caplog.at_level(logging.WARNING, logger="harmaug_pl.backends.remote.http_client"):
+        with pytest.raises(RemoteError, match="connection failed .* for row 0 of the batch"):
+            remote.generate(chats, SamplingConfig(max_new_tokens=4, temperature=0.0), seed=0)
+    remote.close()
+    retried = sorted({re.search(r"row \d+", r.getMessage()).group() for r in caplog.records})
+    assert retried == ["row 0", "row 1"] and len(caplog.records) == 4  # the first two rows, 2 retries each
+
+
 # -- killed servers: no row lost or duplicated -----------------------------------------------------
 
 

@@ -224,6 +224,7 @@ class DistillationModule(L.LightningModule):
         eval_names = list(getattr(datamodule, "eval_set_names", []))
         self.val_names = ["val", *getattr(datamodule, "validation_eval_set_names", eval_names)]
         self.test_names = eval_names
+        self._check_data_categories(getattr(datamodule, "categories", None))
         for name in self.val_names:
             if name not in self.val_metrics:
                 self.val_metrics[name] = metric_collection(self.hparams.threshold, prefix=f"{name}/")
@@ -387,9 +388,48 @@ class DistillationModule(L.LightningModule):
             if not math.isnan(value):
                 self.log(f"val/category/{name}/calibrated_threshold", value, add_dataloader_idx=False)
 
+    def _check_data_categories(self, data_categories: list[Category] | None) -> None:
+        """A category head needs the data module's batches to carry the same taxonomy's columns; a data
+        module without ``categories`` (another LightningDataModule) is not checked."""
+        if data_categories is None:
+            return
+        ours = [c["name"] for c in self.categories] if self.category_head is not None else []
+        theirs = [c["name"] for c in data_categories]
+        if ours and ours != theirs:
+            named = self.hparams.categories
+            option = f"--data.categories {named}" if isinstance(named, str) else "data.init_args.categories"
+            raise ConfigError(
+                f"the model's category head is over {len(ours)} categories ({', '.join(ours)}) but the data "
+                f"module gives {', '.join(theirs) or 'none'}: set {option}, the model's taxonomy (packs "
+                "write ${model.init_args.categories}); with --ckpt_path the model's settings are the "
+                "checkpoint's (LightningCLI reads them from it)"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Checkpoints written before calibration existed load with an uncalibrated threshold."""
-        checkpoint["state_dict"].setdefault("calibrated_threshold", torch.tensor(float("nan")))
+        """Checkpoints written before calibration existed load with an uncalibrated threshold; one whose
+        category head does not fit this module is refused in one line, not torch's state_dict error."""
+        state = checkpoint["state_dict"]
+        state.setdefault("calibrated_threshold", torch.tensor(float("nan")))
+        held = state.get("category_head.linear.weight")
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        if self.category_head is not None and held is None:
+            raise ConfigError(
+                f"{where} has no category head (trained with model.category_weight 0, or before categories "
+                f"existed) but this run builds one (model.category_weight {self.hparams.category_weight}): "
+                "set --model.category_weight 0 to use it without categories"
+            )
+        if self.category_head is None and held is not None:
+            raise ConfigError(
+                f"{where} holds a category head ({held.shape[0]} categories) but this run builds none "
+                "(model.category_weight 0): load it with the category_weight and categories it was trained "
+                "with"
+            )
+        if held is not None and held.shape[0] != len(self.categories):
+            raise ConfigError(
+                f"{where} holds a category head over {held.shape[0]} categories but model.categories has "
+                f"{len(self.categories)}: set --model.categories to the taxonomy it was trained with"
+            )
 
     def on_test_epoch_end(self) -> None:
         """Gather every rank's scored rows, count each once, then log ``test/<set>/*`` from them.

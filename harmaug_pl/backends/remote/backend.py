@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -326,12 +327,27 @@ class OpenAICompatibleBackend:
     # -- requests ----------------------------------------------------------------------------------
 
     def _map(self, work: Callable[[int], T], count: int) -> list[T]:
-        """``work(i)`` for every i, at most ``max_concurrency`` at once, results in order."""
+        """``work(i)`` for every i, at most ``max_concurrency`` at once, results in order.
+
+        Once a row fails, rows not yet started are not started: a freed thread would otherwise take
+        the next row before the failure is seen here, and a dead server would cost a second whole
+        retry budget before the stage fails."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.max_concurrency, thread_name_prefix="harmaug-http"
             )
-        futures = [self._pool.submit(work, i) for i in range(count)]
+        failed = threading.Event()
+
+        def guarded(i: int) -> T:
+            if failed.is_set():
+                raise concurrent.futures.CancelledError(f"row {i}: an earlier row of the batch failed")
+            try:
+                return work(i)
+            except BaseException:
+                failed.set()
+                raise
+
+        futures = [self._pool.submit(guarded, i) for i in range(count)]
         try:
             return [future.result() for future in futures]
         except BaseException:
