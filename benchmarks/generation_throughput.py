@@ -202,6 +202,12 @@ def vllm_env(threads: int) -> dict[str, str]:
     }
 
 
+# The in-process engine's own processes are spawned, not forked (vLLM's default on the CPU): this
+# process has run torch's OpenMP pool already, which a forked child inherits (a fork-unsafe runtime,
+# fixed at the parent's thread count). The pack's engine starts from its fresh spawned worker.
+IN_PROCESS_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+
+
 class TokenCounter:
     """Counts the tokens ``lm.generate`` really produced, by wrapping it on this one model object.
 
@@ -383,7 +389,7 @@ def inprocess_arm(
     """vLLM in this process at every batch size (``batches``: size -> chats in stage order), and what
     its start costs."""
     before = descendant_pids()
-    with environment(env):
+    with environment({**env, **IN_PROCESS_ENV}):
         backend = vllm_backend(model, settings)
         try:
             engine, start_s = timed_start(backend._acquire)  # the engine start, apart from any request
@@ -511,7 +517,7 @@ def score_arms(
                 results.append({"engine": ENGINES[arm], "skipped": missing})
                 continue
             before = descendant_pids()
-            with environment(env if arm == "vllm" else {}):
+            with environment({**env, **IN_PROCESS_ENV} if arm == "vllm" else {}):
                 if arm == "vllm":
                     backend = vllm_backend(guard, settings, max_model_len=2048, **limits)
                 else:
