@@ -283,7 +283,15 @@ class ServerTokenCounter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.new_tokens = self._read() - self._start
+        # the server records an engine step's stats after handing out its outputs: read until settled
+        end, deadline = self._read(), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self._read()
+            if now == end:
+                break
+            end = now
+        self.new_tokens = end - self._start
 
 
 def stage_order(chats: list[Chat], lengths: list[int], batch_size: int, sort_window: int) -> list[Chat]:
@@ -635,7 +643,7 @@ def run(
         if score_rows
         else []
     )
-    sequential = next((r for r in results if r.get("batch_size") == 1), None)
+    sequential = next((r for r in results if r["mode"] == "sequential loop"), None)
     stage_rows = {  # (a): the transformers backend as the chat stage runs it
         r["batch_size"]: r
         for r in results
