@@ -33,6 +33,10 @@ def test_throughput_runs_loop_and_batches_on_the_same_chats(tiny_llama: Path, tm
             "4",
             "--threads",
             "1",
+            "--arms",
+            "transformers",
+            "--score-rows",
+            "0",
             "--out-dir",
             str(tmp_path),
         ]
@@ -53,7 +57,66 @@ def test_throughput_runs_loop_and_batches_on_the_same_chats(tiny_llama: Path, tm
     assert data["machine"]["torch_threads"] == 1
     written = json.loads((tmp_path / "generation_throughput.json").read_text())
     assert written["results"] == data["results"]
-    assert "| sequential loop | 1 | 4 |" in (tmp_path / "generation_throughput.md").read_text()
+    assert "| transformers | sequential loop | 1 | 4 |" in (tmp_path / "generation_throughput.md").read_text()
+    # (a), the reference of the vLLM arms: the batches as the chat stage cuts them
+    stage = results[(2, "batched, length order + prefix cache")]
+    assert (
+        stage["rows_per_s_vs_transformers_stage"] == 1.0 and loop["rows_per_s_vs_transformers_stage"] is None
+    )
+
+
+def test_throughput_vllm_arms_say_why_they_are_skipped(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(generation_throughput, "installed_build", lambda: None)  # as in .venv
+    argv = ["--model", str(tiny_llama), "--n", "2", "--batch-sizes", "2", "--max-new-tokens", "2"]
+    data = generation_throughput.main(
+        [*argv, "--modes", "stage", "--score-rows", "2", "--out-dir", str(tmp_path)]
+    )
+    skipped = {r["engine"]: r["skipped"] for r in data["results"] if "skipped" in r}
+    assert list(skipped) == ["vLLM in-process", "vllm serve (HTTP)"]
+    assert all(
+        reason.startswith("vLLM is not installed: bash scripts/install.sh") for reason in skipped.values()
+    )
+    assert [r["engine"] for r in data["results"] if "skipped" not in r] == ["transformers"] * 2
+    assert [(r["engine"], r.get("skipped", "")[:21]) for r in data["scoring"]] == [
+        ("transformers", ""),
+        ("vLLM in-process", "vLLM is not installed"),
+    ]
+    assert data["scoring"][0]["rows"] == 2 and data["scoring"][0]["max_abs_score_diff_vs_transformers"] == 0
+    table = (tmp_path / "generation_throughput.md").read_text()
+    assert "| vllm serve (HTTP) | skipped: vLLM is not installed: bash scripts/install.sh" in table
+
+
+def test_throughput_vllm_arm_sends_the_stage_batches_and_scores_as_transformers(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-process arm on the fake engine (tests/fake_vllm.py); the real engine: test_vllm_benchmark."""
+    from tests import fake_vllm
+
+    module = fake_vllm.make_module(device_type="cpu")
+    fake_vllm.install(monkeypatch, module)
+    monkeypatch.setattr(generation_throughput, "installed_build", lambda: "cpu")
+    argv = ["--model", str(tiny_llama), "--n", "4", "--batch-sizes", "2", "--max-new-tokens", "3"]
+    data = generation_throughput.main(
+        [*argv, "--arms", "vllm", "vllm-serve", "--score-rows", "3", "--out-dir", str(tmp_path)]
+    )
+    measured, serve = data["results"]
+    assert (measured["engine"], measured["batch_size"], measured["rows"]) == ("vLLM in-process", 2, 4)
+    assert measured["new_tokens"] == 0  # what the fake's outputs hold; the real engine's are counted alike
+    assert (
+        serve["engine"] == "vllm serve (HTTP)" and "api_server" in serve["skipped"]
+    )  # the fake has no server
+    calls = module.recorder.generate_calls
+    # the engine start, then the warm-up chat, then the two stage batches of two, each chat its own seed
+    assert [len(call["prompts"]) for call in calls[:3]] == [1, 2, 2]
+    assert [p.seed for call in calls[1:3] for p in call["params"]] == [0, 1, 1_000_003, 1_000_004]
+    assert module.recorder.llm_kwargs[0]["dtype"] == "float32"  # the cpu_vllm pack's settings
+    assert data["vllm_env"]["OMP_NUM_THREADS"] == str(data["machine"]["torch_threads"])
+    transformers, vllm = data["scoring"]
+    assert vllm["engine"] == "vLLM in-process" and vllm["rows"] == 3
+    assert vllm["max_abs_score_diff_vs_transformers"] < 1e-5  # the fake scores with the same weights
+    assert vllm["left_behind"] == []
 
 
 def test_throughput_chats_are_the_packs_prefix_attack_chats(tiny_llama: Path) -> None:
