@@ -431,8 +431,11 @@ def server_command(folder: str, port: int, settings: dict[str, Any]) -> list[str
     return command
 
 
-def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+def wait_ready(
+    process: subprocess.Popen, url: str, log: Path, timeout_s: float = SERVER_START_TIMEOUT_S
+) -> None:
+    """Until the server lists its model; SystemExit with its log's tail if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"vllm serve exited with {process.returncode}: {log.read_text()[-3000:]}")
@@ -442,7 +445,7 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
         except httpx2.HTTPError:
             pass
         time.sleep(1)
-    raise SystemExit(f"vllm serve not ready after {SERVER_START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+    raise SystemExit(f"vllm serve not ready after {timeout_s} s: {log.read_text()[-3000:]}")
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -29,6 +29,12 @@ PLACEHOLDER_SAFE = [
 KEYWORD_TEACHER = "tests.helpers:keyword_teacher"
 
 
+def tiny_throughput_argv(model: Path) -> list[str]:
+    """``benchmarks.generation_throughput`` on a tiny model: 4 chats, batches of 2, 4 new tokens, 1 thread."""
+    sizes = ["--n", "4", "--batch-sizes", "2", "--max-new-tokens", "4", "--threads", "1"]
+    return ["--model", str(model), *sizes]
+
+
 def keyword_teacher(texts: list[str]) -> list[float]:
     """A stand-in teacher for tests: 'rude' or 'mean' text is unsafe."""
     return [0.9 if ("rude" in t or "mean" in t) else 0.1 for t in texts]

@@ -13,6 +13,7 @@ import yaml
 from benchmarks import default_pack, first_run, generation_throughput, remote_backend
 from benchmarks.common import PhaseClock, markdown_table, pack_config, write_results
 from harmaug_pl.cli import ablation
+from tests.helpers import tiny_throughput_argv
 
 
 def placeholder_teacher(texts: list[str]) -> list[float]:
@@ -23,16 +24,7 @@ def placeholder_teacher(texts: list[str]) -> list[float]:
 def test_throughput_runs_loop_and_batches_on_the_same_chats(tiny_llama: Path, tmp_path: Path) -> None:
     data = generation_throughput.main(
         [
-            "--model",
-            str(tiny_llama),
-            "--n",
-            "4",
-            "--batch-sizes",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--threads",
-            "1",
+            *tiny_throughput_argv(tiny_llama),
             "--arms",
             "transformers",
             "--score-rows",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_throughput_argv
 from tests.real_vllm import SKIP, save_vllm_llama
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, SKIP]
@@ -26,18 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_arm_runs_on_the_same_batches_and_leaves_no_process(tmp_path: Path) -> None:
     # the cpu_vllm pack's max_model_len (4096) must fit the model's positions
     model = save_vllm_llama(tmp_path / "llama", max_position_embeddings=4096)
-    argv = [
-        "--model",
-        str(model),
-        "--n",
-        "4",
-        "--batch-sizes",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--threads",
-        "1",
-    ]
+    argv = tiny_throughput_argv(model)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 
+from benchmarks.generation_throughput import wait_ready
 from harmaug_pl.augment.generator import Instruction
 from harmaug_pl.augment.responder import Responder
 from harmaug_pl.backends import OpenAICompatibleBackend, SamplingConfig, TransformersBackend
@@ -104,17 +104,10 @@ class Server:
         self.starts += 1
         log = self.logs / f"server{self.starts}.log"
         self.process = start_server(self.model, self.port, log)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {self.process.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if httpx2.get(f"{self.url}/models", timeout=2).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(1)
-        pytest.fail(f"vllm serve not ready after {START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+        try:
+            wait_ready(self.process, self.url, log, START_TIMEOUT_S)
+        except SystemExit as err:  # the benchmark's way to stop; a failed test here
+            pytest.fail(str(err))
 
     def kill(self) -> None:
         """SIGKILL to the whole group, as a node or container dies: nothing gets to clean up."""
