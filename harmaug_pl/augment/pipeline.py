@@ -210,21 +210,10 @@ class AugmentationPipeline:
             content_key(stage="label", model=teacher_id, prompt=row.prompt, response=row.response)
             for row in rows
         ]
-        with _memory_hint("teacher", self.teacher.batch_size):
-            result = run_stage(
-                cache_dir,
-                stage,
-                rows,
-                keys,
-                self._score,
-                batch_size=self.teacher.batch_size,
-                seed=0,
-                rank=rank,
-                world_size=world_size,
-                barrier=barrier,
-                desc=f"{stage} (teacher)",
-                valid=lambda value: is_probability(value.get("score")),
-            )
+        result = self._teacher_stage(
+            cache_dir, stage, rows, keys, self._score, f"{stage} (teacher)",
+            lambda value: is_probability(value.get("score")), rank, world_size, barrier,
+        )  # fmt: skip
         scored = [replace(row, teacher_score=value["score"]) for row, value in zip(rows, result.values)]
         if self.reads_categories:
             scored = self._label_categories(scored, cache_dir, stage, teacher_id, rank, world_size, barrier)
@@ -242,38 +231,43 @@ class AugmentationPipeline:
     ) -> list[GuardExample]:
         """``rows`` with the teacher's P(code | unsafe) as ``teacher_categories``, through the cache."""
         read = {**teacher_id, **self.teacher.category_read()}  # type: ignore[attr-defined]
+        codes = self.category_codes
         keys = [
             content_key(
-                stage="label_categories",
-                model=read,
-                codes=self.category_codes,
-                prompt=row.prompt,
-                response=row.response,
-            )  # fmt: skip
+                stage="label_categories", model=read, codes=codes, prompt=row.prompt, response=row.response
+            )
             for row in rows
         ]
-        codes = self.category_codes
 
         def valid(value: dict[str, Any]) -> bool:
             p = value.get("p")
             return isinstance(p, dict) and set(p) == set(codes) and all(is_probability(v) for v in p.values())
 
-        with _memory_hint("teacher", self.teacher.batch_size):
-            result = run_stage(
-                cache_dir,
-                f"{stage}_categories",
-                rows,
-                keys,
-                self._score_categories,
-                batch_size=self.teacher.batch_size,
-                seed=0,
-                rank=rank,
-                world_size=world_size,
-                barrier=barrier,
-                desc=f"{stage} categories (teacher)",
-                valid=valid,
-            )
+        result = self._teacher_stage(
+            cache_dir, f"{stage}_categories", rows, keys, self._score_categories,
+            f"{stage} categories (teacher)", valid, rank, world_size, barrier,
+        )  # fmt: skip
         return [replace(row, teacher_categories=value["p"]) for row, value in zip(rows, result.values)]
+
+    def _teacher_stage(
+        self,
+        cache_dir: Path,
+        stage: str,
+        rows: list[GuardExample],
+        keys: list[str],
+        compute: Callable[[list[GuardExample], int], list[dict[str, Any]]],
+        desc: str,
+        valid: Callable[[dict[str, Any]], bool],
+        rank: int,
+        world_size: int,
+        barrier: Barrier,
+    ) -> StageResult:
+        """One cached teacher stage: the teacher's batch size, seed 0 (it is deterministic)."""
+        with _memory_hint("teacher", self.teacher.batch_size):
+            return run_stage(
+                cache_dir, stage, rows, keys, compute, batch_size=self.teacher.batch_size, seed=0,
+                rank=rank, world_size=world_size, barrier=barrier, desc=desc, valid=valid,
+            )  # fmt: skip
 
     def _score_categories(self, rows: list[GuardExample], seed: int) -> list[dict[str, Any]]:
         """The teacher's P(code | unsafe) per row (deterministic: ``seed`` unused)."""
