@@ -454,12 +454,15 @@ def moderation_result(
     (OpenAI's clients keep unknown fields): the text was longer than the guard's max length and was
     scored on its first tokens.
     """
-    flagged = p_unsafe > threshold
+    from harmaug_pl.deploy.guard import verdict  # the one rule for a row's label and category flags
+
+    answer = verdict(p_unsafe, truncated, threshold, category_scores, category_thresholds)
+    flagged, named = answer["label"] == "unsafe", set(answer.get("categories", ()))
     flags, scores = {UNSAFE: flagged}, {UNSAFE: p_unsafe}
-    names, thresholds = public_names or {}, category_thresholds or {}
+    names = public_names or {}
     for name, score in (category_scores or {}).items():
         key = names.get(name, name)
-        flags[key] = flagged and score > thresholds.get(name, threshold)
+        flags[key] = name in named
         scores[key] = score
     return {
         "flagged": flagged,
