@@ -36,7 +36,6 @@ import gc
 import importlib.util
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from benchmarks.common import (
     markdown_table,
     pack_config,
     peak_rss_mib,
+    stop_process_group,
     write_results,
 )
 from harmaug_pl.augment.chat_stage import length_order, prompt_lengths
@@ -448,18 +448,6 @@ def wait_ready(
     raise SystemExit(f"vllm serve not ready after {timeout_s} s: {log.read_text()[-3000:]}")
 
 
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (its PID; the engine core is in it), SIGKILL after 60 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def serve_arm(
     folder: str, settings: dict[str, Any], batches: dict[int, list[Chat]], sampling: SamplingConfig,
     env: dict[str, str], log: Path,
@@ -468,7 +456,7 @@ def serve_arm(
     before, port = descendant_pids(), free_port()
     url = f"http://127.0.0.1:{port}/v1"
     started = time.perf_counter()
-    with log.open("wb") as out:  # its own process group: stop_server reaches the engine core too
+    with log.open("wb") as out:  # its own process group: stop_process_group reaches the engine core too
         process = subprocess.Popen(
             server_command(folder, port, settings), stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, **env}, start_new_session=True,
@@ -491,7 +479,7 @@ def serve_arm(
             mode = f"batched, length order, {size} requests in flight"
             rows.append({"engine": ENGINES["vllm-serve"], "mode": mode, **result})
     finally:
-        stop_server(process)
+        stop_process_group(process)
     costs = {
         "engine": ENGINES["vllm-serve"],
         "start_s": start_s,

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from benchmarks.common import (
     pack_config,
     process_cpu_s,
     process_rss_mib,
+    stop_process_group,
     write_results,
 )
 from benchmarks.cost_profile import prepare_student
@@ -190,13 +190,7 @@ class Server:
             time.sleep(0.5)
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 async def load(url: str, prompts: list[str], clients: int, duration: float) -> dict[str, Any]:
